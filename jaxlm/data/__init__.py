@@ -1,0 +1,1 @@
+"""Tokenizers, corpora (files and the built-in fairy tales) and batch iterators."""

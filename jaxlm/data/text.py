@@ -1,0 +1,83 @@
+"""Text corpora as token arrays, and the random-window batches the causal LM trains on.
+
+A batch is a pure function of (seed, step): resuming at step s gives exactly the batches an
+uninterrupted run would have seen, and every process computes the same global batch indices and keeps
+only its own rows, so hosts never need to talk about data.
+"""
+
+import os
+
+import numpy as np
+
+from jaxlm.data.fairytales import generate_fairy_tales
+from jaxlm.errors import UserError
+
+_VAL_STREAM = 1  # separates the validation window stream from the training one
+
+
+def read_text(path: str) -> str:
+  """A UTF-8 text file; bad bytes become U+FFFD rather than stopping a long run."""
+  if not os.path.exists(path):
+    raise UserError(f"data file {path} does not exist", "check --config.data.path")
+  if os.path.isdir(path):
+    raise UserError(f"data path {path} is a folder", "give one UTF-8 text file in --config.data.path")
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise UserError(f"cannot read data file {path}: {e.strerror}", "check its permissions") from None
+  if not raw.strip():
+    raise UserError(f"data file {path} is empty", "give a file with text in it")
+  return raw.decode("utf-8", errors="replace")
+
+
+def load_corpus(data_config, tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
+  """(train tokens, validation tokens, description): validation is the last `val_fraction` of the text."""
+  if data_config.path:
+    text, source = read_text(data_config.path), data_config.path
+  else:
+    text, source = generate_fairy_tales(data_config.fairytale_bytes, seed=0), "built-in fairy tales"
+  tokens = tokenizer.encode(text).astype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+  split = int(len(tokens) * (1.0 - data_config.val_fraction))
+  train, val = tokens[:split], tokens[split:]
+  need = data_config.seq_len + 1
+  for name, part in (("training", train), ("validation", val)):
+    if len(part) < need:
+      raise UserError(
+          f"{source} is too short: its {name} split has {len(part)} tokens, fewer than one sequence "
+          f"(data.seq_len + 1 = {need})", "use a longer file or a shorter --config.data.seq_len")
+  return train, val, source
+
+
+def window_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+  """Next-token pairs from windows of seq_len + 1 tokens starting at `starts`."""
+  windows = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+  return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+def _window_starts(num_tokens: int, seq_len: int, batch_size: int, seed: int, stream: int,
+                   index: int) -> np.ndarray:
+  rng = np.random.default_rng([seed, stream, index])
+  return rng.integers(0, num_tokens - seq_len, size=batch_size)
+
+
+def _process_rows(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict:
+  rows = len(batch["inputs"]) // process_count
+  return {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
+
+
+def train_batch(tokens: np.ndarray, step: int, *, seq_len: int, batch_size: int, seed: int,
+                process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+  """This process's rows of the global training batch for `step`: random windows, seeded by (seed, step)."""
+  starts = _window_starts(len(tokens), seq_len, batch_size, seed, 0, step)
+  return _process_rows(window_batch(tokens, starts, seq_len), process_index, process_count)
+
+
+def eval_batches(tokens: np.ndarray, *, num_batches: int, seq_len: int, batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """A fixed set of validation batches, the same at every evaluation, so val_loss curves compare."""
+  out = []
+  for i in range(num_batches):
+    starts = _window_starts(len(tokens), seq_len, batch_size, seed, _VAL_STREAM, i)
+    out.append(_process_rows(window_batch(tokens, starts, seq_len), process_index, process_count))
+  return out

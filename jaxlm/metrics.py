@@ -1,0 +1,78 @@
+"""Model FLOPs, and the two places training numbers go: metrics.jsonl and a live console line."""
+
+import json
+import math
+import os
+import sys
+import time
+
+from jaxlm.models.gpt import ModelConfig
+
+
+def param_count(cfg: ModelConfig) -> int:
+  """Parameters of the model (the embedding counted once when tied)."""
+  d, f = cfg.width, cfg.mlp_width
+  attn = 4 * d * d + (4 * d if cfg.use_bias else 0)
+  mlp = (3 if cfg.mlp == "swiglu" else 2) * d * f + ((f + d) if cfg.use_bias else 0)
+  norms = (2 if cfg.norm == "layernorm" else 1) * d
+  block = attn + mlp + 2 * norms
+  embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+  pos = cfg.max_seq_len * d if cfg.position == "learned" else 0
+  return cfg.num_layers * block + embed + pos + norms
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token, forward and backward: 6 x (matmul parameters) + 12 x layers x T x width.
+
+  The matmul parameters are the blocks' weights plus the output projection (the input embedding is a
+  lookup); the second term is attention's score and value products (PaLM's accounting).
+  """
+  d, f = cfg.width, cfg.mlp_width
+  block = 4 * d * d + (3 if cfg.mlp == "swiglu" else 2) * d * f
+  matmul_params = cfg.num_layers * block + cfg.vocab_size * d
+  return 6.0 * matmul_params + 12.0 * cfg.num_layers * seq_len * d
+
+
+class MetricsLog:
+  """Appends one JSON object per line to WORKDIR/metrics.jsonl (only process 0 writes)."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+
+  def write(self, step: int, **values: float) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+
+
+class Progress:
+  """A console line updated in place on a terminal, a plain line per report elsewhere (logs, CI)."""
+
+  def __init__(self, total_steps: int, enabled: bool = True, stream=None):
+    self.total, self.enabled = total_steps, enabled
+    self.stream = stream or sys.stdout
+    self.live = self.enabled and self.stream.isatty()
+    self.start = time.monotonic()
+
+  def update(self, step: int, loss: float, lr: float, tokens_per_sec: float, sec_per_step: float) -> None:
+    if not self.enabled:
+      return
+    eta = (self.total - step) * sec_per_step
+    line = (f"step {step:>6d}/{self.total}  loss {loss:7.4f}  lr {lr:.2e}  "
+            f"{tokens_per_sec:>9,.0f} tok/s  ETA {_duration(eta)}")
+    self.stream.write(("\r" + line + "\x1b[K") if self.live else line + "\n")
+    self.stream.flush()
+
+  def message(self, text: str) -> None:
+    if self.enabled:
+      self.stream.write(("\r\x1b[K" if self.live else "") + text + "\n")
+      self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

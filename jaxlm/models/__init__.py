@@ -1,0 +1,1 @@
+"""Flax NNX transformer models; every parameter carries logical axis names."""

@@ -1,0 +1,171 @@
+"""Transformer building blocks in Flax NNX: matmul, norms, rotary positions, attention, MLP, block.
+
+Shapes are in the names (`x_BxTxD`: batch, time, width; H heads of K features; F MLP width; V vocab).
+Parameters are float32 and carry logical axis names; `dtype` is the compute dtype of the matmuls.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.parallel import constrain
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+def param(key, shape, std, names) -> nnx.Param:
+  """A normal(0, std) float32 parameter with logical axis names (std 0: zeros, -1: ones)."""
+  if std == 0:
+    value = jnp.zeros(shape, F32)
+  elif std < 0:
+    value = jnp.ones(shape, F32)
+  else:
+    value = std * jax.random.normal(key, shape, F32)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _transposed_equations(eq: str) -> tuple[str, str]:
+  """For 'ab,bc->ac': the einsums giving each operand's gradient from the output's ('ac,bc->ab', ...)."""
+  ins, out = eq.split("->")
+  a, b = ins.split(",")
+  return f"{out},{b}->{a}", f"{a},{out}->{b}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bf16_einsum(eq, a, b):
+  return jnp.einsum(eq, a.astype(BF16), b.astype(BF16), preferred_element_type=F32)
+
+
+def _bf16_einsum_fwd(eq, a, b):
+  a16, b16 = a.astype(BF16), b.astype(BF16)
+  return jnp.einsum(eq, a16, b16, preferred_element_type=F32), (a16, b16)
+
+
+def _bf16_einsum_bwd(eq, residuals, g):
+  # Plain autodiff would make f32 x bf16 dots here; bf16 x bf16 -> f32 is what reaches AMX / MXU units.
+  a16, b16 = residuals
+  g16 = g.astype(BF16)
+  eq_a, eq_b = _transposed_equations(eq)
+  return (jnp.einsum(eq_a, g16, b16, preferred_element_type=F32),
+          jnp.einsum(eq_b, a16, g16, preferred_element_type=F32))
+
+
+_bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+
+
+def matmul(eq: str, a: jax.Array, b: jax.Array, dtype: str) -> jax.Array:
+  """einsum in the compute dtype with a float32 result; in bf16 both passes multiply bf16 x bf16."""
+  if dtype == "bfloat16":
+    return _bf16_einsum(eq, a.astype(F32), b.astype(F32))
+  return jnp.einsum(eq, a, b)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; a no-op at rate 0 or without a key (evaluation, sampling)."""
+  if rate == 0.0 or key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class Norm(nnx.Module):
+  """RMSNorm (scale only) or LayerNorm (scale and bias), computed in float32."""
+
+  def __init__(self, width: int, kind: str, eps: float = 1e-6):
+    self.kind, self.eps = kind, eps
+    self.scale = param(None, (width,), -1, ("norm",))
+    self.bias = param(None, (width,), 0, ("norm",)) if kind == "layernorm" else None
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    x = x_BxTxD.astype(F32)
+    if self.kind == "layernorm":
+      x = x - x.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+    return x + self.bias[...] if self.bias is not None else x
+
+
+def rope(x_BxTxHxK: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding: rotates feature pairs (i, i + K/2) by position-dependent angles."""
+  t, k = x_BxTxHxK.shape[1], x_BxTxHxK.shape[3]
+  inv_freq_K2 = base ** (-jnp.arange(0, k, 2, dtype=F32) / k)
+  angle_TxK2 = jnp.arange(t, dtype=F32)[:, None] * inv_freq_K2[None, :]
+  sin, cos = jnp.sin(angle_TxK2)[None, :, None, :], jnp.cos(angle_TxK2)[None, :, None, :]
+  x1, x2 = jnp.split(x_BxTxHxK, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention with fused QKV; softmax in float32."""
+
+  def __init__(self, cfg, init_std: float, out_std: float, rngs: nnx.Rngs):
+    d, h = cfg.width, cfg.num_heads
+    self.num_heads, self.head_dim = h, d // h
+    self.dtype, self.position, self.rope_base = cfg.dtype, cfg.position, cfg.rope_base
+    self.qkv = param(rngs.params(), (d, 3, h, d // h), init_std, ("embed", None, "heads", "kv"))
+    self.out = param(rngs.params(), (h, d // h, d), out_std, ("heads", "kv", "embed"))
+    self.qkv_bias = param(None, (3, h, d // h), 0, (None, "heads", "kv")) if cfg.use_bias else None
+    self.out_bias = param(None, (d,), 0, ("embed",)) if cfg.use_bias else None
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    qkv_BxTx3xHxK = matmul("btd,dchk->btchk", x_BxTxD, self.qkv[...], self.dtype)
+    if self.qkv_bias is not None:
+      qkv_BxTx3xHxK = qkv_BxTx3xHxK + self.qkv_bias[...]
+    qkv_BxTx3xHxK = constrain(qkv_BxTx3xHxK, ("batch", "seq", None, "heads", None))
+    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
+    if self.position == "rope":
+      q_BxTxHxK, k_BxTxHxK = rope(q_BxTxHxK, self.rope_base), rope(k_BxTxHxK, self.rope_base)
+    q_BxTxHxK = q_BxTxHxK / math.sqrt(self.head_dim)
+    scores_BxHxTxT = matmul("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK, self.dtype)
+    t = x_BxTxD.shape[1]
+    causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+    scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, jnp.finfo(F32).min)
+    probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1)
+    y_BxTxHxK = matmul("bhqs,bshk->bqhk", probs_BxHxTxT, v_BxTxHxK, self.dtype)
+    y_BxTxD = matmul("bthk,hkd->btd", y_BxTxHxK, self.out[...], self.dtype)
+    return y_BxTxD + self.out_bias[...] if self.out_bias is not None else y_BxTxD
+
+
+class MLP(nnx.Module):
+  """GELU MLP, or SwiGLU (a gated unit: silu(x W_gate) * (x W_up))."""
+
+  def __init__(self, cfg, init_std: float, out_std: float, rngs: nnx.Rngs):
+    d, f = cfg.width, cfg.mlp_width
+    self.kind, self.dtype = cfg.mlp, cfg.dtype
+    self.up = param(rngs.params(), (d, f), init_std, ("embed", "mlp"))
+    self.gate = param(rngs.params(), (d, f), init_std, ("embed", "mlp")) if cfg.mlp == "swiglu" else None
+    self.down = param(rngs.params(), (f, d), out_std, ("mlp", "embed"))
+    self.up_bias = param(None, (f,), 0, ("mlp",)) if cfg.use_bias else None
+    self.down_bias = param(None, (d,), 0, ("embed",)) if cfg.use_bias else None
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    h_BxTxF = matmul("btd,df->btf", x_BxTxD, self.up[...], self.dtype)
+    if self.up_bias is not None:
+      h_BxTxF = h_BxTxF + self.up_bias[...]
+    if self.gate is not None:
+      h_BxTxF = jax.nn.silu(matmul("btd,df->btf", x_BxTxD, self.gate[...], self.dtype)) * h_BxTxF
+    else:
+      h_BxTxF = jax.nn.gelu(h_BxTxF)
+    h_BxTxF = constrain(h_BxTxF, ("batch", "seq", "mlp"))
+    y_BxTxD = matmul("btf,fd->btd", h_BxTxF, self.down[...], self.dtype)
+    return y_BxTxD + self.down_bias[...] if self.down_bias is not None else y_BxTxD
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg, init_std: float, out_std: float, rngs: nnx.Rngs):
+    self.dropout_rate = cfg.dropout
+    self.attn_norm = Norm(cfg.width, cfg.norm)
+    self.attn = Attention(cfg, init_std, out_std, rngs)
+    self.mlp_norm = Norm(cfg.width, cfg.norm)
+    self.mlp = MLP(cfg, init_std, out_std, rngs)
+
+  def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+    keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+    x_BxTxD = x_BxTxD + dropout(self.attn(self.attn_norm(x_BxTxD)), self.dropout_rate, keys[0])
+    x_BxTxD = constrain(x_BxTxD, ("batch", "seq", "act_embed"))
+    x_BxTxD = x_BxTxD + dropout(self.mlp(self.mlp_norm(x_BxTxD)), self.dropout_rate, keys[1])
+    return constrain(x_BxTxD, ("batch", "seq", "act_embed"))

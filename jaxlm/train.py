@@ -1,0 +1,127 @@
+"""TrainState, the pure train_step and eval_step, and sharded initialisation.
+
+Nothing here touches files, clocks or the console: the loop in jaxlm/loop.py does. The NNX graph
+definition and the optax transformation are static and closed over; the state is an explicit pytree.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm.models.gpt import GPT, ModelConfig
+from jaxlm.objectives import causal_lm_loss_sums
+from jaxlm.parallel import Rules, constrain, state_shardings
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: the number of updates applied so far
+  params: nnx.State
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32[2]; the key of step s is fold_in(rng, s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the jitted functions close over: the model's structure and the optimizer."""
+
+  graphdef: nnx.GraphDef
+  model_config: ModelConfig
+  tx: optax.GradientTransformation
+  schedule: Callable[[Any], jax.Array]
+  grad_accum: int
+  token_bytes: jax.Array  # bytes of text per token id, for bits per byte
+
+
+def _loss_sums(setup: Setup, params: nnx.State, batch: Batch, dropout_key) -> tuple[jax.Array, dict]:
+  model = nnx.merge(setup.graphdef, params)
+  logits_BxTxV = model(batch["inputs"], dropout_key=dropout_key)
+  sums = causal_lm_loss_sums(logits_BxTxV, batch, setup.token_bytes)
+  return sums["loss_sum"], sums
+
+
+def _split_microbatches(batch: Batch, n: int) -> Batch:
+  """(B, T) -> (n, B/n, T), microbatch m taking rows m, m+n, ...: every device keeps its rows."""
+  def split(x_BxT):
+    b = x_BxT.shape[0]
+    x_NxMxT = x_BxT.reshape(b // n, n, *x_BxT.shape[1:]).swapaxes(0, 1)
+    return constrain(x_NxMxT, (None, "batch", "seq"))
+  return {k: split(v) for k, v in batch.items()}
+
+
+def train_step(setup: Setup, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+  """One optimizer update from one global batch (accumulated over setup.grad_accum microbatches).
+
+  The gradient is of the token-weighted mean loss over the whole batch, however it is split.
+  """
+  key = jax.random.fold_in(state.rng, state.step) if setup.model_config.dropout > 0 else None
+  grad_fn = jax.grad(lambda p, b, k: _loss_sums(setup, p, b, k), has_aux=True)
+  if setup.grad_accum == 1:
+    grads, sums = grad_fn(state.params, batch, key)
+  else:
+    def accumulate(carry, xs):
+      micro, i = xs
+      g, s = grad_fn(state.params, micro, None if key is None else jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, (g, s)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params),
+             {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "tokens", "bytes")})
+    micro = _split_microbatches(batch, setup.grad_accum)
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(setup.grad_accum)))
+  grads = jax.tree.map(lambda g: g / sums["tokens"], grads)
+  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": sums["loss_sum"] / sums["tokens"], "grad_norm": optax.global_norm(grads),
+             "lr": setup.schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(setup: Setup, params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
+  """Sums of loss, tokens and bytes on one batch, without dropout; the caller adds batches up."""
+  return _loss_sums(setup, params, batch, None)[1]
+
+
+def init_state(setup_without_graph: Callable[[nnx.GraphDef], Setup], model_config: ModelConfig,
+               seed: int, mesh: Mesh, rules: Rules) -> tuple[Setup, TrainState, TrainState]:
+  """Builds the model directly in its sharded layout (no full copy on one device first).
+
+  Returns the setup, the state and the state's shardings (a TrainState of NamedShardings).
+  The same seed gives the same parameters on every mesh.
+  """
+  params_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  make_model = lambda: GPT(model_config, rngs=nnx.Rngs(params=params_key))
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model))
+  setup = setup_without_graph(graphdef)
+
+  def init() -> TrainState:
+    params = nnx.split(make_model())[1]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
+                      rng=train_key)
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  param_shardings = state_shardings(abstract_params, mesh, rules)
+  abstract_state = jax.eval_shape(init)
+  opt_shardings = optax.tree_map_params(
+      setup.tx, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
+      transform_non_params=lambda _: replicated)
+  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                         rng=replicated)
+  return setup, jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def compile_steps(setup: Setup, shardings: TrainState, batch_sharding: NamedSharding):
+  """train_step and eval_step jitted with in/out shardings; the state is donated (updated in place)."""
+  replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+  train = jax.jit(lambda s, b: train_step(setup, s, b), in_shardings=(shardings, batch_sharding),
+                  out_shardings=(shardings, replicated), donate_argnums=0)
+  evaluate = jax.jit(lambda p, b: eval_step(setup, p, b), in_shardings=(shardings.params, batch_sharding),
+                     out_shardings=replicated)
+  return train, evaluate
