@@ -10,7 +10,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -23,9 +22,8 @@ from jaxlm.data.tokenizer import ByteTokenizer, padded_vocab_size
 from jaxlm.errors import UserError
 from jaxlm.metrics import MetricsLog, Progress, flops_per_token, param_count
 from jaxlm.models.gpt import ModelConfig
-from jaxlm.optim import make_optimizer
 from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
-from jaxlm.train import Setup, compile_steps, init_state
+from jaxlm.train import compile_steps, create_train_state
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -55,14 +53,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
   token_bytes[: tokenizer.vocab_size] = tokenizer.token_bytes()
 
   mesh, rules = make_mesh(shape), tuple(config.mesh.rules)
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
   c, b, t = config.train, config.data.batch_size, config.data.seq_len
   batch_kwargs = dict(seq_len=t, batch_size=b, seed=config.seed, process_index=jax.process_index(),
                       process_count=jax.process_count())
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    make_setup = lambda graphdef: Setup(graphdef, model_config, tx, schedule, config.optim.grad_accum,
-                                        jnp.asarray(token_bytes))
-    setup, state, shardings = init_state(make_setup, model_config, config.seed, mesh, rules)
+    setup, state, shardings = create_train_state(config, model_config, token_bytes, mesh)
     checkpoints = Checkpoints(workdir, c.keep_checkpoints)
     if (latest := checkpoints.latest_step()) is not None:
       state = checkpoints.restore(latest, abstract_like(state, shardings))

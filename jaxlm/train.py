@@ -16,7 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.models.gpt import GPT, ModelConfig
 from jaxlm.objectives import causal_lm_loss_sums
-from jaxlm.parallel import Rules, constrain, state_shardings
+from jaxlm.optim import make_optimizer
+from jaxlm.parallel import constrain, state_shardings
 
 Batch = dict[str, jax.Array]
 
@@ -89,32 +90,36 @@ def eval_step(setup: Setup, params: nnx.State, batch: Batch) -> dict[str, jax.Ar
   return _loss_sums(setup, params, batch, None)[1]
 
 
-def init_state(setup_without_graph: Callable[[nnx.GraphDef], Setup], model_config: ModelConfig,
-               seed: int, mesh: Mesh, rules: Rules) -> tuple[Setup, TrainState, TrainState]:
-  """Builds the model directly in its sharded layout (no full copy on one device first).
+def create_train_state(config, model_config: ModelConfig, token_bytes, mesh: Mesh
+                       ) -> tuple[Setup, TrainState, TrainState]:
+  """The setup, a fresh state built directly in its sharded layout, and the state's shardings.
 
-  Returns the setup, the state and the state's shardings (a TrainState of NamedShardings).
-  The same seed gives the same parameters on every mesh.
+  `config` is the full experiment config (optim, train.steps, seed, mesh.rules). The same seed gives
+  the same parameters on every mesh.
   """
-  params_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  rules = tuple(config.mesh.rules)
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  params_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
   make_model = lambda: GPT(model_config, rngs=nnx.Rngs(params=params_key))
   graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model))
-  setup = setup_without_graph(graphdef)
+  setup = Setup(graphdef, model_config, tx, schedule, config.optim.grad_accum,
+                jnp.asarray(token_bytes, jnp.float32))
 
   def init() -> TrainState:
     params = nnx.split(make_model())[1]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=train_key)
 
   replicated = NamedSharding(mesh, PartitionSpec())
   param_shardings = state_shardings(abstract_params, mesh, rules)
-  abstract_state = jax.eval_shape(init)
   opt_shardings = optax.tree_map_params(
-      setup.tx, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
+      tx, lambda _, sharding: sharding, jax.eval_shape(init).opt_state, param_shardings,
       transform_non_params=lambda _: replicated)
   shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
                          rng=replicated)
-  return setup, jax.jit(init, out_shardings=shardings)(), shardings
+  with nnx.logical_axis_rules(rules):
+    state = jax.jit(init, out_shardings=shardings)()
+  return setup, state, shardings
 
 
 def compile_steps(setup: Setup, shardings: TrainState, batch_sharding: NamedSharding):

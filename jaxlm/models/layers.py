@@ -87,14 +87,14 @@ class Norm(nnx.Module):
     return x + self.bias[...] if self.bias is not None else x
 
 
-def rope(x_BxTxHxK: jax.Array, base: float) -> jax.Array:
+def rope(x_BxHxTxK: jax.Array, base: float) -> jax.Array:
   """Rotary position embedding: rotates feature pairs (i, i + K/2) by position-dependent angles."""
-  t, k = x_BxTxHxK.shape[1], x_BxTxHxK.shape[3]
+  t, k = x_BxHxTxK.shape[2], x_BxHxTxK.shape[3]
   inv_freq_K2 = base ** (-jnp.arange(0, k, 2, dtype=F32) / k)
   angle_TxK2 = jnp.arange(t, dtype=F32)[:, None] * inv_freq_K2[None, :]
-  sin, cos = jnp.sin(angle_TxK2)[None, :, None, :], jnp.cos(angle_TxK2)[None, :, None, :]
-  x1, x2 = jnp.split(x_BxTxHxK, 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  sin_TxK2, cos_TxK2 = jnp.sin(angle_TxK2), jnp.cos(angle_TxK2)
+  x1, x2 = jnp.split(x_BxHxTxK, 2, axis=-1)
+  return jnp.concatenate([x1 * cos_TxK2 - x2 * sin_TxK2, x2 * cos_TxK2 + x1 * sin_TxK2], axis=-1)
 
 
 class Attention(nnx.Module):
@@ -110,21 +110,23 @@ class Attention(nnx.Module):
     self.out_bias = param(None, (d,), 0, ("embed",)) if cfg.use_bias else None
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    qkv_BxTx3xHxK = matmul("btd,dchk->btchk", x_BxTxD, self.qkv[...], self.dtype)
+    # Heads-major (3, B, H, T, K) keeps every attention product a plain batched matmul over (B, H),
+    # which XLA CPU runs in bf16 (it has no bf16 kernel for some other layouts of the same products).
+    qkv_3xBxHxTxK = matmul("btd,dchk->cbhtk", x_BxTxD, self.qkv[...], self.dtype)
     if self.qkv_bias is not None:
-      qkv_BxTx3xHxK = qkv_BxTx3xHxK + self.qkv_bias[...]
-    qkv_BxTx3xHxK = constrain(qkv_BxTx3xHxK, ("batch", "seq", None, "heads", None))
-    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
+      qkv_3xBxHxTxK = qkv_3xBxHxTxK + self.qkv_bias[...][:, None, :, None, :]
+    qkv_3xBxHxTxK = constrain(qkv_3xBxHxTxK, (None, "batch", "heads", "seq", None))
+    q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = qkv_3xBxHxTxK[0], qkv_3xBxHxTxK[1], qkv_3xBxHxTxK[2]
     if self.position == "rope":
-      q_BxTxHxK, k_BxTxHxK = rope(q_BxTxHxK, self.rope_base), rope(k_BxTxHxK, self.rope_base)
-    q_BxTxHxK = q_BxTxHxK / math.sqrt(self.head_dim)
-    scores_BxHxTxT = matmul("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK, self.dtype)
+      q_BxHxTxK, k_BxHxTxK = rope(q_BxHxTxK, self.rope_base), rope(k_BxHxTxK, self.rope_base)
+    q_BxHxTxK = q_BxHxTxK / math.sqrt(self.head_dim)
+    scores_BxHxTxT = matmul("bhqk,bhsk->bhqs", q_BxHxTxK, k_BxHxTxK, self.dtype)
     t = x_BxTxD.shape[1]
     causal_TxT = jnp.tril(jnp.ones((t, t), bool))
     scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, jnp.finfo(F32).min)
     probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1)
-    y_BxTxHxK = matmul("bhqs,bshk->bqhk", probs_BxHxTxT, v_BxTxHxK, self.dtype)
-    y_BxTxD = matmul("bthk,hkd->btd", y_BxTxHxK, self.out[...], self.dtype)
+    y_BxHxTxK = matmul("bhqs,bhsk->bhqk", probs_BxHxTxT, v_BxHxTxK, self.dtype)
+    y_BxTxD = matmul("bhtk,hkd->btd", y_BxHxTxK, self.out[...], self.dtype)
     return y_BxTxD + self.out_bias[...] if self.out_bias is not None else y_BxTxD
 
 

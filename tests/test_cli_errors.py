@@ -1,0 +1,108 @@
+"""Every user mistake: one line `jaxlm: error: ...` with a hint, exit code 2, no traceback."""
+
+import os
+
+import pytest
+
+from jaxlm import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = os.path.join(ROOT, "configs", "default.py")
+
+
+def run_cli(capsys, *args):
+  code = cli.main(list(args))
+  err = capsys.readouterr().err
+  return code, err
+
+
+def train(capsys, tmp_path, *overrides, workdir=None, config=DEFAULT):
+  return run_cli(capsys, "train", f"--config={config}", f"--workdir={workdir or tmp_path / 'w'}",
+                 "--config.train.steps=3", "--config.optim.warmup_steps=1", *overrides)
+
+
+def assert_one_line_error(code, err, *fragments):
+  assert code == 2
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("jaxlm: error: "), err
+  assert "(" in lines[0] and lines[0].endswith(")"), "the message carries a hint in parentheses"
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_unknown_config_key(capsys, tmp_path):
+  assert_one_line_error(*train(capsys, tmp_path, "--config.model.widht=64"), "unknown config key model.widht")
+
+
+def test_width_not_divisible_by_heads(capsys, tmp_path):
+  assert_one_line_error(*train(capsys, tmp_path, "--config.model.width=100", "--config.model.num_heads=3"),
+                        "model.width 100 is not divisible by model.num_heads 3")
+
+
+def test_mesh_size_not_equal_to_device_count(capsys, tmp_path):
+  # the tests run on 8 simulated devices
+  assert_one_line_error(*train(capsys, tmp_path, "--config.mesh.data=2", "--config.mesh.fsdp=2"),
+                        "2x2x1 = 4 devices, but there are 8")
+
+
+def test_global_batch_not_divisible_by_data_parallel_size(capsys, tmp_path):
+  assert_one_line_error(*train(capsys, tmp_path, "--config.data.batch_size=12"),
+                        "data.batch_size=12 is not divisible by the data-parallel size", "= 8")
+
+
+def test_sequence_longer_than_positions(capsys, tmp_path):
+  assert_one_line_error(*train(capsys, tmp_path, "--config.data.seq_len=512"),
+                        "data.seq_len 512 is longer than model.max_seq_len 128")
+
+
+def test_data_file_missing(capsys, tmp_path):
+  assert_one_line_error(*train(capsys, tmp_path, f"--config.data.path={tmp_path}/nope.txt"),
+                        "nope.txt does not exist")
+
+
+def test_data_file_empty(capsys, tmp_path):
+  (tmp_path / "empty.txt").write_text("  \n")
+  assert_one_line_error(*train(capsys, tmp_path, f"--config.data.path={tmp_path}/empty.txt"),
+                        "empty.txt is empty")
+
+
+def test_data_shorter_than_one_sequence(capsys, tmp_path):
+  (tmp_path / "short.txt").write_text("a few words of text, but not many " * 20)
+  assert_one_line_error(*train(capsys, tmp_path, f"--config.data.path={tmp_path}/short.txt"),
+                        "short.txt is too short", "fewer than one sequence")
+
+
+def test_workdir_not_writable(capsys, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("a file where the workdir's parent should be")
+  assert_one_line_error(*train(capsys, tmp_path, workdir=blocker / "run"), "is not writable")
+
+
+def test_bad_value_type(capsys, tmp_path):
+  assert_one_line_error(*train(capsys, tmp_path, "--config.data.batch_size=lots"),
+                        "--config.data.batch_size=lots")
+
+
+def test_unknown_flag(capsys, tmp_path):
+  assert_one_line_error(*train(capsys, tmp_path, "--bogus=1"), "Unknown command line flag 'bogus'")
+
+
+def test_missing_config_file(capsys, tmp_path):
+  assert_one_line_error(*train(capsys, tmp_path, config=tmp_path / "none.py"), "cannot load config")
+
+
+def test_missing_workdir(capsys):
+  assert_one_line_error(*run_cli(capsys, "train", f"--config={DEFAULT}"), "missing --workdir")
+
+
+def test_unknown_command(capsys):
+  assert_one_line_error(*run_cli(capsys, "trian"), "unknown command 'trian'")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("--config.model.dtype=float16", "model.dtype is 'float16'"),
+    ("--config.train.steps=0", "train.steps must be positive"),
+    ("--config.optim.warmup_steps=10", "optim.warmup_steps 10 is not below train.steps 3"),
+])
+def test_other_bad_values(capsys, tmp_path, override, fragment):
+  assert_one_line_error(*train(capsys, tmp_path, override), fragment)
