@@ -80,7 +80,7 @@ def train_step(setup: Setup, state: TrainState, batch: Batch) -> tuple[TrainStat
   grads = jax.tree.map(lambda g: g / sums["tokens"], grads)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": sums["loss_sum"] / sums["tokens"], "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": sums["loss_sum"] / sums["tokens"], "grad_norm": optax.tree.norm(grads),
              "lr": setup.schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

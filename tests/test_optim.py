@@ -33,11 +33,24 @@ def test_weight_decay_skips_vectors_and_shrinks_matrices():
   np.testing.assert_array_equal(new["bias"], params["bias"])
 
 
-def test_clipping_bounds_the_global_gradient_norm():
+def test_gradients_are_clipped_to_the_global_norm_before_adamw():
   c = base_config().optim
-  c.clip_norm, c.warmup_steps = 1.0, 0
-  tx, _ = make_optimizer(c, total_steps=10)
-  clip = tx[0]  # the chain's first transformation
-  grads = {"a": jnp.full((4,), 10.0)}
-  clipped, _ = clip.update(grads, clip.init(grads))
-  np.testing.assert_allclose(optax.global_norm(clipped), 1.0, rtol=1e-5)
+  c.warmup_steps = 0
+  params = {"w": jnp.ones((2, 2))}
+  grads = [{"w": jnp.full((2, 2), 50.0)}, {"w": jnp.array([[0.1, -0.2], [0.3, 0.05]])}]
+
+  def two_updates(tx):
+    state, out = tx.init(params), []
+    for g in grads:
+      update, state = tx.update(g, state, params)
+      out.append(update["w"])
+    return np.array(out)
+
+  c.clip_norm = 1.0
+  clipped = two_updates(make_optimizer(c, total_steps=10)[0])
+  _, schedule = make_optimizer(c, total_steps=10)
+  reference = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay))
+  np.testing.assert_allclose(clipped, two_updates(reference), rtol=1e-6)
+  c.clip_norm = 0.0  # off: Adam's second step now sees the huge first gradient in its moments
+  assert not np.allclose(two_updates(make_optimizer(c, total_steps=10)[0])[1], clipped[1], rtol=1e-3)

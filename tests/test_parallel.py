@@ -37,18 +37,28 @@ def _model_config(config):
   return ModelConfig.from_config(config.model, 384)
 
 
+def mesh_test_config():
+  # Adam divides by sqrt(v) + eps: where a gradient is ~1e-9 (e.g. unused vocabulary rows), a
+  # reduction-order rounding difference becomes an lr-sized update difference (measured: 3.2e-6 on
+  # (1,2,4) with eps=1e-8; 1.2e-7 on every mesh with eps=1e-5). eps=1e-5 makes the comparison
+  # well-conditioned so that the bound below tests the sharding, not Adam's conditioning.
+  c = tiny_config()
+  c.optim.eps = 1e-5
+  return c
+
+
 @pytest.fixture(scope="module")
 def reference():
-  return run_steps(tiny_config(), (1, 1, 1))
+  return run_steps(mesh_test_config(), (1, 1, 1))
 
 
 @pytest.mark.parametrize("shape", MESHES[1:])
 def test_three_steps_give_the_same_losses_and_parameters_on_every_mesh(reference, shape):
   ref_losses, ref_params, _ = reference
-  losses, params, state = run_steps(tiny_config(), shape)
+  losses, params, state = run_steps(mesh_test_config(), shape)
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(got, want, atol=2e-6)
+    np.testing.assert_allclose(got, want, atol=1e-6)
   # the parameters really are laid out over the mesh, not replicated
   up = state.params["blocks"][0]["mlp"]["up"][...]
   data, fsdp, tensor = shape
