@@ -1,4 +1,4 @@
-"""The default job: a small GPT on the built-in fairy tales that visibly learns in ~2-3 CPU minutes."""
+"""The default job: a small GPT on the built-in fairy tales that visibly learns in a few CPU minutes."""
 
 from jaxlm.config import base_config
 
@@ -16,8 +16,13 @@ def get_config():
   c.optim.lr = 2e-3
   c.optim.final_lr = 2e-4
   c.optim.warmup_steps = 50
-  c.train.steps = 1000
-  c.train.eval_every = 200
+  c.train.steps = 1500
+  c.train.eval_every = 250
   c.train.checkpoint_every = 500
   c.train.sample_prompt = "Once upon a time"
+  # CPU levers (benchmarks/train_throughput.py): two JAX devices keep both cores busy; bf16 matmuls
+  # run on the CPU's bf16 units. Measured on shakespeare: val_loss at 2000 steps 1.7776 (bf16) vs
+  # 1.7779 (float32), at 19.6 vs 38.5 ms per step. Set mesh.cpu_devices=0 to use JAX's default.
+  c.model.dtype = "bfloat16"
+  c.mesh.cpu_devices = 2
   return c

@@ -4,6 +4,7 @@ User mistakes end in one line `jaxlm: error: <what> (<how to fix>)` and exit cod
 crashes keep their traceback.
 """
 
+import os
 import re
 import sys
 
@@ -67,11 +68,19 @@ def parse_train_flags(argv: list[str]):
 
 
 def _set_cpu_devices(count: int) -> None:
-  """Splits the host CPU into `count` JAX devices (only the CPU backend is affected)."""
+  """Splits the host CPU into `count` JAX devices (only the CPU backend is affected).
+
+  A device count already forced through XLA_FLAGS (as the tests do) takes precedence.
+  """
   import jax  # imported here: the device count must be set before JAX starts its backends
 
-  if count > 0:
+  if count <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return
+  try:
     jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    raise UserError(f"mesh.cpu_devices={count} cannot be applied: JAX has already started",
+                    "set it before any JAX operation, or set --config.mesh.cpu_devices=0") from None
 
 
 def train(argv: list[str]) -> None:

@@ -78,8 +78,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     last: dict[str, float] = {}
 
     def evaluate_now(step: int) -> None:
-      sums = [evaluate(state.params, x) for x in val_batches]
-      total = {k: float(sum(s[k] for s in sums)) for k in sums[0]}
+      total = {}
+      for x in val_batches:  # fetched one by one: one program in flight, as in training
+        for k, v in jax.device_get(evaluate(state.params, x)).items():
+          total[k] = total.get(k, 0.0) + float(v)
       val_loss = total["loss_sum"] / total["tokens"]
       last.update(val_loss=val_loss, val_ppl=float(np.exp(val_loss)),
                   val_bpb=total["loss_sum"] / (np.log(2) * max(total["bytes"], 1.0)))
