@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_config
 from jaxlm.config import DEFAULT_RULES
 from jaxlm.data.text import train_batch
+from jaxlm.models.gpt import ModelConfig
 from jaxlm.parallel import batch_sharding, logical_to_spec, make_mesh, to_global_batch
 from jaxlm.train import compile_steps, create_train_state
 
@@ -33,7 +34,6 @@ def run_steps(config, shape, steps=3):
 
 
 def _model_config(config):
-  from jaxlm.models.gpt import ModelConfig
   return ModelConfig.from_config(config.model, 384)
 
 
