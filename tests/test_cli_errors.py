@@ -103,6 +103,27 @@ def test_unknown_command(capsys):
     ("--config.model.dtype=float16", "model.dtype is 'float16'"),
     ("--config.train.steps=0", "train.steps must be positive"),
     ("--config.optim.warmup_steps=10", "optim.warmup_steps 10 is not below train.steps 3"),
+    ("--config.data.val_fraction=1.5", "data.val_fraction must be in (0, 1)"),
+    ("--config.model.dropout=1.0", "model.dropout must be in [0, 1)"),
+    ("--config.model.vocab_size=128", "model.vocab_size 128 is smaller than the tokenizer's 260"),
 ])
+
+
 def test_other_bad_values(capsys, tmp_path, override, fragment):
   assert_one_line_error(*train(capsys, tmp_path, override), fragment)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (("--config.model.width=132", "--config.model.num_heads=4"), "RoPE needs an even head width, got 33"),
+    (("--config.mesh.data=1", "--config.mesh.tensor=8"), "model.num_heads 4 is not divisible by mesh.tensor 8"),
+    (("--config.model.width=132", "--config.model.position=learned", "--config.mesh.data=1",
+      "--config.mesh.fsdp=8"), "model.width 132 is not divisible by mesh.fsdp 8"),
+])
+def test_shapes_the_mesh_cannot_split(capsys, tmp_path, overrides, fragment):
+  assert_one_line_error(*train(capsys, tmp_path, *overrides), fragment)
+
+
+def test_cpu_devices_after_jax_started_is_a_clear_error(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS")  # JAX has long started in this test process
+  with pytest.raises(cli.UserError, match="mesh.cpu_devices=2 cannot be applied: JAX has already started"):
+    cli._set_cpu_devices(2)
