@@ -91,16 +91,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
 
     start = int(state.step)
     step_seconds: list[float] = []
-    in_flight = None  # (step, metrics) of the step dispatched last
+    previous = None  # metrics of the step dispatched before this one
     tick = time.monotonic()
     for step in range(start, c.steps):
       batch = to_global_batch(train_batch(train_tokens, step, **batch_kwargs), sharding)
       state, metrics = train(state, batch)
       # Keep one step in flight: wait for the previous one (on CPU meshes, an unbounded queue of
       # collectives can deadlock; on accelerators this still overlaps host work with the device).
-      if in_flight is not None:
-        jax.block_until_ready(in_flight[1])
-      in_flight = (step + 1, metrics)
+      if previous is not None:
+        jax.block_until_ready(previous)
+      previous = metrics
       now = time.monotonic()
       if step == start:
         progress.message(f"first step compiled and dispatched in {now - tick:.1f} s")

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import sys
-import time
 
 from jaxlm.models.gpt import ModelConfig
 
@@ -53,7 +52,6 @@ class Progress:
     self.total, self.enabled = total_steps, enabled
     self.stream = stream or sys.stdout
     self.live = self.enabled and self.stream.isatty()
-    self.start = time.monotonic()
 
   def update(self, step: int, loss: float, lr: float, tokens_per_sec: float, sec_per_step: float) -> None:
     if not self.enabled:
