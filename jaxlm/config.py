@@ -32,6 +32,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.init_from = ""  # a workdir or WORKDIR/STEP: start from its parameters (fine-tuning); a resume wins
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # a UTF-8 text file; empty: the built-in fairy tales
@@ -72,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 250
   c.train.eval_batches = 20
   c.train.checkpoint_every = 500
-  c.train.keep_checkpoints = 3
+  c.train.keep_checkpoints = 3  # the newest K are kept...
+  c.train.keep_best = True  # ...and the one with the lowest val_loss (evaluated at a checkpoint step)
   c.train.log_every = 10
   c.train.sample_tokens = 200  # sampled from the model at the end of training; 0: none
   c.train.sample_prompt = "\n"
@@ -172,6 +174,38 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
     raise UserError(f"model.width {m.width} is not divisible by mesh.fsdp {fsdp}",
                     "choose an FSDP size that divides the width")
   return shape
+
+
+# Keys that change the shapes of the parameters (or what a token means): a workdir's checkpoints only
+# fit a config that agrees on them. Everything else (mesh, steps, learning rate...) may change on resume.
+SHAPE_KEYS = ("model.num_layers", "model.num_heads", "model.width", "model.mlp_width",
+              "model.max_seq_len", "model.vocab_size", "model.position", "model.norm", "model.mlp",
+              "model.tie_embeddings", "model.use_bias")
+
+
+def resume_changes(saved: dict, c: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Compares the config a workdir was trained with to `c`.
+
+  Raises a UserError if a shape key differs; returns the other changed keys as "key: old -> new".
+  """
+  old, new = _flat(saved), _flat(json.loads(to_json(c)))
+  changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  for key in changed:
+    if key in SHAPE_KEYS:
+      raise UserError(f"{workdir} was trained with {key}={old.get(key)!r}; this run asks for "
+                      f"{new.get(key)!r}, which changes the parameters' shapes",
+                      f"drop --config.{key} to resume this run, or give a new --workdir to start fresh")
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
 
 
 def to_json(c: ml_collections.ConfigDict) -> str:

@@ -1,9 +1,11 @@
 """The training loop: the I/O edge around the pure train_step.
 
 It validates the config, loads data, builds the sharded state (or resumes it from the workdir),
-then drives train_step, evaluation, logging and checkpoints, and prints a sample at the end.
+then drives train_step, evaluation, logging and checkpoints, and prints a sample at the end. A rerun
+on the same workdir continues exactly where the newest valid checkpoint left off.
 """
 
+import json
 import os
 import statistics
 import tempfile
@@ -15,15 +17,16 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import generate
-from jaxlm.checkpoint import Checkpoints, abstract_like
-from jaxlm.config import to_json, validate
-from jaxlm.data.text import eval_batches, load_corpus, train_batch
-from jaxlm.data.tokenizer import ByteTokenizer, padded_vocab_size
+from jaxlm.checkpoint import Checkpoints, abstract_like, load_params, resolve_checkpoint
+from jaxlm.config import resume_changes, to_json, validate
+from jaxlm.data.text import TrainBatches, eval_batches, load_corpus
+from jaxlm.data.tokenizer import ByteTokenizer, padded_vocab_size, save_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.metrics import MetricsLog, Progress, flops_per_token, param_count
 from jaxlm.models.gpt import ModelConfig
 from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
-from jaxlm.train import compile_steps, create_train_state
+from jaxlm.preemption import StopSignals, stop_requested
+from jaxlm.train import compile_steps, plan_train_state
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -36,12 +39,33 @@ def prepare_workdir(workdir: str) -> None:
                     "choose another --workdir or fix its permissions") from None
 
 
+def _saved_config(workdir: str) -> dict | None:
+  """The config of the run whose checkpoints are in `workdir`, or None if it has no checkpoints."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    return None
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None  # the checkpoints' own shapes are checked when they are restored
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict[str, float]:
-  """Trains (or resumes) per `config` in `workdir`; returns the last training and evaluation metrics."""
+  """Trains (or resumes) per `config` in `workdir`; returns the last training and evaluation metrics.
+
+  SIGTERM or SIGINT stops it cleanly after the current step with a checkpoint saved there; the
+  returned dict then has `stopped_at`.
+  """
   shape = validate(config, jax.device_count())
   prepare_workdir(workdir)
   is_chief = jax.process_index() == 0
   progress = Progress(config.train.steps, enabled=is_chief and not quiet)
+  if (saved := _saved_config(workdir)) is not None:
+    if changes := resume_changes(saved, config, workdir):
+      progress.message("resuming with changed settings: " + "; ".join(changes))
+  elif config.init_from:
+    resolve_checkpoint(config.init_from)  # a bad path fails now, not after the data is loaded
 
   tokenizer = ByteTokenizer()
   train_tokens, val_tokens, source = load_corpus(config.data, tokenizer)
@@ -56,15 +80,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
   c, b, t = config.train, config.data.batch_size, config.data.seq_len
   batch_kwargs = dict(seq_len=t, batch_size=b, seed=config.seed, process_index=jax.process_index(),
                       process_count=jax.process_count())
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    setup, state, shardings = create_train_state(config, model_config, token_bytes, mesh)
-    checkpoints = Checkpoints(workdir, c.keep_checkpoints)
-    if (latest := checkpoints.latest_step()) is not None:
-      state = checkpoints.restore(latest, abstract_like(state, shardings))
-      progress.message(f"resumed from {checkpoints.directory}/{latest}")
+  log = MetricsLog(workdir, enabled=is_chief)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), StopSignals() as signals:
+    setup, init, shardings = plan_train_state(config, model_config, token_bytes, mesh)
+    data = TrainBatches(train_tokens, **batch_kwargs)
+    checkpoints = Checkpoints(workdir, c.keep_checkpoints, c.keep_best)
+    if restored := checkpoints.restore_latest(abstract_like(jax.eval_shape(init), shardings), data):
+      state, step = restored
+      data.step = step  # (the saved iterator state says the same; the batches are a function of it)
+      log.drop_after(step)
+      progress.message(f"resumed from {checkpoints.directory}/{step}")
+    else:
+      state = init()
+      if config.init_from:
+        params = load_params(config.init_from, abstract_like(state.params, shardings.params))
+        state = state.replace(params=params)
+        progress.message(f"parameters from {config.init_from}")
     if is_chief:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(to_json(config))
+      save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer.json"))
     progress.message(f"{source}: {len(train_tokens):,} training / {len(val_tokens):,} validation "
                      f"tokens; model {param_count(model_config):,} parameters; mesh "
                      f"data={shape[0]} fsdp={shape[1]} tensor={shape[2]} on {jax.device_count()} "
@@ -74,7 +109,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     train, evaluate = compile_steps(setup, shardings, sharding)
     val_batches = [to_global_batch(x, sharding) for x in
                    eval_batches(val_tokens, num_batches=c.eval_batches, **batch_kwargs)]
-    log = MetricsLog(workdir, enabled=is_chief)
     last: dict[str, float] = {}
 
     def evaluate_now(step: int) -> None:
@@ -91,10 +125,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
 
     start = int(state.step)
     step_seconds: list[float] = []
+    save_seconds: list[float] = []  # how long each save held up the loop
     previous = None  # metrics of the step dispatched before this one
     tick = time.monotonic()
     for step in range(start, c.steps):
-      batch = to_global_batch(train_batch(train_tokens, step, **batch_kwargs), sharding)
+      batch = to_global_batch(next(data), sharding)
       state, metrics = train(state, batch)
       # Keep one step in flight: wait for the previous one (on CPU meshes, an unbounded queue of
       # collectives can deadlock; on accelerators this still overlaps host work with the device).
@@ -115,12 +150,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
         log.write(done, **values)
         last.update(values)
         progress.update(done, values["loss"], values["lr"], values["tokens_per_sec"], sec)
-      if done % c.eval_every == 0 or done == c.steps:
+      evaluated = done % c.eval_every == 0 or done == c.steps
+      if evaluated:
         evaluate_now(done)
-      if done % c.checkpoint_every == 0 or done == c.steps:
-        checkpoints.save(done, state)
-      if done % c.eval_every == 0 or done % c.checkpoint_every == 0:
+      stop = stop_requested(signals)
+      if done % c.checkpoint_every == 0 or done == c.steps or stop:
+        begin = time.monotonic()
+        checkpoints.save(done, state, data, val_loss=last["val_loss"] if evaluated else None)
+        save_seconds.append(time.monotonic() - begin)
+      if evaluated or done % c.checkpoint_every == 0:
         tick = time.monotonic()  # evaluation and saving are not training time
+      if stop:
+        last["stopped_at"] = done
+        break
     checkpoints.close()
     if step_seconds:
       sec = statistics.median(step_seconds)
@@ -128,6 +170,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
       last["step_seconds"] = sec
       progress.message(f"median step {sec * 1e3:.1f} ms, {b * t / sec:,.0f} tokens/s, "
                        f"{flops / 1e9:.1f} model GFLOP/s")
+    if len(save_seconds) > 1:  # the first save also sets orbax up
+      last["save_seconds"] = statistics.median(save_seconds[1:])
+    if "stopped_at" in last:
+      progress.message(f"stopped by {signals.received} after step {last['stopped_at']}; checkpoint "
+                       f"saved; run the same command again to resume")
+      return last
     if c.sample_tokens and is_chief:
       prompt = tokenizer.encode(c.sample_prompt)
       ids = generate.sample(setup.graphdef, state.params, prompt, c.sample_tokens, context=t,

@@ -44,6 +44,29 @@ class MetricsLog:
       with open(self.path, "a") as f:
         f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
 
+  def drop_after(self, step: int) -> int:
+    """Removes the lines of steps after `step` (written by a run that then died); returns how many.
+
+    A resumed run writes those steps again, so the file reads as one uninterrupted run.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return 0
+    with open(self.path) as f:
+      lines = f.readlines()
+    keep = []
+    for line in lines:
+      try:
+        if json.loads(line)["step"] <= step:
+          keep.append(line.rstrip("\n") + "\n")
+      except (ValueError, KeyError, TypeError):
+        pass  # a line cut short by the kill
+    if keep != lines:
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(keep)
+      os.replace(tmp, self.path)
+    return len(lines) - len(keep)
+
 
 class Progress:
   """A console line updated in place on a terminal, a plain line per report elsewhere (logs, CI)."""

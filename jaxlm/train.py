@@ -97,6 +97,17 @@ def create_train_state(config, model_config: ModelConfig, token_bytes, mesh: Mes
   `config` is the full experiment config (optim, train.steps, seed, mesh.rules). The same seed gives
   the same parameters on every mesh.
   """
+  setup, init, shardings = plan_train_state(config, model_config, token_bytes, mesh)
+  with nnx.logical_axis_rules(tuple(config.mesh.rules)):
+    state = init()
+  return setup, state, shardings
+
+
+def plan_train_state(config, model_config: ModelConfig, token_bytes, mesh: Mesh):
+  """(setup, init, shardings): `init()` builds the fresh sharded state; nothing is allocated before.
+
+  A resumed run restores onto `jax.eval_shape(init)` placed by `shardings` instead of calling `init`.
+  """
   rules = tuple(config.mesh.rules)
   tx, schedule = make_optimizer(config.optim, config.train.steps)
   params_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -117,9 +128,7 @@ def create_train_state(config, model_config: ModelConfig, token_bytes, mesh: Mes
       transform_non_params=lambda _: replicated)
   shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
                          rng=replicated)
-  with nnx.logical_axis_rules(rules):
-    state = jax.jit(init, out_shardings=shardings)()
-  return setup, state, shardings
+  return setup, jax.jit(init, out_shardings=shardings), shardings
 
 
 def compile_steps(setup: Setup, shardings: TrainState, batch_sharding: NamedSharding):

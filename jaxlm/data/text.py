@@ -5,6 +5,7 @@ uninterrupted run would have seen, and every process computes the same global ba
 only its own rows, so hosts never need to talk about data.
 """
 
+import json
 import os
 
 import numpy as np
@@ -71,6 +72,37 @@ def train_batch(tokens: np.ndarray, step: int, *, seq_len: int, batch_size: int,
   """This process's rows of the global training batch for `step`: random windows, seeded by (seed, step)."""
   starts = _window_starts(len(tokens), seq_len, batch_size, seed, 0, step)
   return _process_rows(window_batch(tokens, starts, seq_len), process_index, process_count)
+
+
+class TrainBatches:
+  """This process's training batches, step after step; its state (the next step) is checkpointed.
+
+  The batch of a step is a pure function of (seed, step), so the state is just the step. It follows
+  the iterator protocol grain's checkpoint handler expects (get_state/set_state as JSON bytes).
+  """
+
+  def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
+               process_index: int = 0, process_count: int = 1, step: int = 0):
+    self.tokens, self.step = tokens, step
+    self._kwargs = dict(seq_len=seq_len, batch_size=batch_size, seed=seed,
+                        process_index=process_index, process_count=process_count)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = train_batch(self.tokens, self.step, **self._kwargs)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> bytes:
+    return json.dumps({"step": self.step, "seed": self._kwargs["seed"]}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.step = int(json.loads(state)["step"])  # a changed seed is a config change, checked elsewhere
+
+  def start_prefetch(self) -> None:
+    """Part of the protocol; batches are cut on demand."""
 
 
 def eval_batches(tokens: np.ndarray, *, num_batches: int, seq_len: int, batch_size: int, seed: int,

@@ -4,7 +4,12 @@ Every string round-trips, in every language, with no vocabulary file. Decoding n
 tokens are dropped and a partial UTF-8 sequence (e.g. a sample cut mid-character) becomes U+FFFD.
 """
 
+import json
+import os
+
 import numpy as np
+
+from jaxlm.errors import UserError
 
 VOCAB_MULTIPLE = 128  # the model's vocabulary is padded to this so the `vocab` axis shards evenly
 
@@ -36,3 +41,25 @@ class ByteTokenizer:
     lengths = np.zeros(self.vocab_size, np.int32)
     lengths[:256] = 1
     return lengths
+
+  def to_json(self) -> str:
+    return json.dumps({"type": self.name, "vocab_size": self.vocab_size}, indent=2) + "\n"
+
+
+def save_tokenizer(tokenizer: ByteTokenizer, path: str) -> None:
+  """Writes the tokenizer as JSON (atomically), so a workdir alone can decode and encode."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(tokenizer.to_json())
+  os.replace(tmp, path)
+
+
+def load_tokenizer(path: str) -> ByteTokenizer:
+  try:
+    with open(path) as f:
+      spec = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read tokenizer {path}: {e}", "the workdir should hold tokenizer.json") from None
+  if spec.get("type") != ByteTokenizer.name:
+    raise UserError(f"{path}: unknown tokenizer type {spec.get('type')!r}", "expected 'byte'")
+  return ByteTokenizer()
