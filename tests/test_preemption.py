@@ -1,0 +1,149 @@
+"""Killed, preempted or interrupted runs continue exactly: fresh `jaxlm train` processes on one workdir.
+
+Each reference is an uninterrupted run of the same command. A restart must reproduce every line of its
+metrics.jsonl (tokens_per_sec aside) and its final parameters and optimizer state, bit for bit.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT
+from jaxlm import preemption
+
+STEPS = 120
+RUN = [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=10",
+       "--config.train.eval_every=30", "--config.train.log_every=1"]
+MESHES = {  # name -> (devices in the process, mesh overrides)
+    "1 device": (1, ["--config.mesh.data=1"]),
+    "2x2x2": (8, ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]),
+}
+
+
+def start(workdir, mesh):
+  devices, overrides = MESHES[mesh]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  workdir.mkdir(parents=True, exist_ok=True)
+  out = open(workdir.parent / f"{workdir.name}.out", "a")  # noqa: SIM115 (the child holds it)
+  err = open(workdir.parent / f"{workdir.name}.err", "a")  # noqa: SIM115
+  return subprocess.Popen(
+      [sys.executable, "-m", "jaxlm.cli", "train", f"--config={ROOT}/tests/tiny.py",
+       f"--workdir={workdir}", *RUN, *overrides], env=env, cwd=ROOT, stdout=out, stderr=err)
+
+
+def output(workdir):
+  return ((workdir.parent / f"{workdir.name}.out").read_text(),
+          (workdir.parent / f"{workdir.name}.err").read_text())
+
+
+def finish(workdir, mesh):
+  proc = start(workdir, mesh)
+  assert proc.wait(timeout=300) == 0, output(workdir)[1][-3000:]
+
+
+def metrics(workdir):
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  for m in lines:
+    m.pop("tokens_per_sec", None)  # wall-clock speed, the one thing allowed to differ
+  return lines
+
+
+def interrupt_at(workdir, mesh, step, sig):
+  """Starts a run and sends `sig` once metrics.jsonl reaches `step`; returns (exit code, seconds to exit)."""
+  proc = start(workdir, mesh)
+  path = workdir / "metrics.jsonl"
+  while proc.poll() is None:
+    if path.exists() and any(f'"step": {s},' in path.read_text() for s in range(step, STEPS + 1)):
+      sent = time.monotonic()
+      proc.send_signal(sig)
+      return proc.wait(timeout=120), time.monotonic() - sent
+    time.sleep(0.002)
+  pytest.fail(f"the run ended before step {step}: {output(workdir)[1][-2000:]}")
+
+
+def saved_arrays(workdir, step):
+  """Every array of the saved TrainState (params, optimizer state, step, RNG) as numpy."""
+  directory = workdir / "checkpoints" / str(step) / "state"
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(directory).item_metadata.tree
+    args = ocp.args.PyTreeRestore(restore_args=jax.tree.map(  # as numpy, whatever mesh saved it
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+    restored = checkpointer.restore(directory, args=args)
+  return {jax.tree_util.keystr(path): x for path, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def assert_same_run(workdir, reference):
+  assert metrics(workdir) == metrics(reference)
+  ours, theirs = saved_arrays(workdir, STEPS), saved_arrays(reference, STEPS)
+  assert ours.keys() == theirs.keys()
+  for name in theirs:
+    assert np.array_equal(ours[name], theirs[name]), name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """Uninterrupted runs, one per mesh, computed once."""
+  runs = {}
+
+  def get(mesh):
+    if mesh not in runs:
+      runs[mesh] = tmp_path_factory.mktemp("reference") / "w"
+      finish(runs[mesh], mesh)
+    return runs[mesh]
+  return get
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sigkill_at_a_random_step_then_restart_equals_an_uninterrupted_run(reference, tmp_path, mesh):
+  kill_step = random.Random(f"sigkill {mesh}").randint(15, 95)
+  workdir = tmp_path / "w"
+  code, _ = interrupt_at(workdir, mesh, kill_step, signal.SIGKILL)
+  assert code == -signal.SIGKILL
+  saved = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+  assert saved and saved[-1] < STEPS  # it really died mid-run
+  finish(workdir, mesh)
+  out, _ = output(workdir)
+  assert re.search(rf"resumed from {workdir}/checkpoints/(\d+)", out)
+  assert_same_run(workdir, reference(mesh))
+
+
+def test_sigterm_saves_at_the_current_step_exits_0_and_resumes_exactly(reference, tmp_path):
+  workdir = tmp_path / "w"
+  code, seconds = interrupt_at(workdir, "1 device", 43, signal.SIGTERM)
+  out, err = output(workdir)
+  assert code == 0, err[-2000:]
+  assert seconds < 30, "a scheduler's grace period is typically 30 s"
+  stopped = int(re.search(r"stopped by SIGTERM after step (\d+); checkpoint saved", out).group(1))
+  assert 43 <= stopped < STEPS
+  assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())[-1] == stopped
+  assert max(m["step"] for m in metrics(workdir)) == stopped
+  assert "SIGTERM received: finishing this step, then saving a checkpoint" in err
+  finish(workdir, "1 device")
+  assert f"resumed from {workdir}/checkpoints/{stopped}" in output(workdir)[0]
+  assert_same_run(workdir, reference("1 device"))
+
+
+def test_a_second_sigint_aborts_at_once(monkeypatch, capsys):
+  exits = []
+  monkeypatch.setattr(preemption.os, "_exit", exits.append)  # (the real one would end pytest)
+  with preemption.StopSignals() as signals:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # Python runs handlers between bytecodes
+    assert signals.received == "SIGINT" and exits == []
+    assert preemption.stop_requested(signals)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+  assert exits == [130]
+  err = capsys.readouterr().err
+  assert "SIGINT received: finishing this step" in err and "second SIGINT: aborting without saving" in err
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on exit
