@@ -17,6 +17,7 @@ one mesh or device count continues on another.
 
 import glob
 import json
+import math
 import os
 import sys
 
@@ -46,10 +47,11 @@ class Checkpoints:
     self._saving: int | None = None
     policies = [keep_policy.LatestN(n=keep)]
     if keep_best:
-      policies.append(keep_policy.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+      policies.append(keep_policy.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
                                         keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=keep_policy.AnyPreservationPolicy(policies),
+        best_fn=_val_loss, best_mode="min",  # (makes orbax write the metrics, so a restart knows them)
         enable_async_checkpointing=True, create=True,
         async_options=ocp.AsyncOptions(post_finalization_callback=self._seal))
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
@@ -70,7 +72,7 @@ class Checkpoints:
     self._saving = step
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=grain.checkpoint.CheckpointSave(data_iterator))
-    metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+    metrics = {"step": step} if val_loss is None else {"step": step, "val_loss": float(val_loss)}
     return self._manager.save(step, args=args, metrics=metrics)
 
   def _seal(self) -> None:
@@ -148,6 +150,10 @@ class Checkpoints:
            f"temporary folder to {moved}")
     if leftovers:
       multihost_utils.sync_global_devices("jaxlm leftovers moved")
+
+
+def _val_loss(metrics) -> float:
+  return metrics.get("val_loss", math.inf)  # a step saved without an evaluation is never the best
 
 
 def write_manifest(folder: str, step: int) -> None:

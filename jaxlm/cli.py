@@ -87,6 +87,9 @@ def train(argv: list[str]) -> None:
   config, workdir = parse_train_flags(argv)
   _set_cpu_devices(config.mesh.cpu_devices)
   from jaxlm import loop
+  from jaxlm.parallel import initialize_distributed
+
+  initialize_distributed()
 
   loop.run(config, workdir)
 

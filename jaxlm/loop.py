@@ -139,6 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
       now = time.monotonic()
       if step == start:
         progress.message(f"first step compiled and dispatched in {now - tick:.1f} s")
+        loop_start = now
       else:
         step_seconds.append(now - tick)
       tick = now
@@ -163,6 +164,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
       if stop:
         last["stopped_at"] = done
         break
+    if start < c.steps:
+      last["loop_seconds"] = time.monotonic() - loop_start  # after the first step, saves included
     checkpoints.close()
     if step_seconds:
       sec = statistics.median(step_seconds)
@@ -173,10 +176,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     if len(save_seconds) > 1:  # the first save also sets orbax up
       last["save_seconds"] = statistics.median(save_seconds[1:])
     if "stopped_at" in last:
-      progress.message(f"stopped by {signals.received} after step {last['stopped_at']}; checkpoint "
+      by = signals.received or "a signal to another process"
+      progress.message(f"stopped by {by} after step {last['stopped_at']}; checkpoint "
                        f"saved; run the same command again to resume")
       return last
-    if c.sample_tokens and is_chief:
+    if c.sample_tokens and jax.process_count() == 1:  # (sampling sharded parameters: issue 5)
       prompt = tokenizer.encode(c.sample_prompt)
       ids = generate.sample(setup.graphdef, state.params, prompt, c.sample_tokens, context=t,
                             key=jax.random.PRNGKey(config.seed), temperature=0.8,

@@ -4,6 +4,7 @@ Parameters and activations are named with logical axes; the rules table in the c
 to mesh axes. Data parallel, FSDP, tensor parallel and mixes are different tables, never code paths.
 """
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -70,3 +71,21 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 def to_global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """This process's rows -> global jax.Arrays laid out over the mesh (works for one or many hosts)."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-process run through JAX's own distributed runtime, when the environment says so.
+
+  - `JAX_COORDINATOR_ADDRESS=host:port`, `JAX_NUM_PROCESSES=N`, `JAX_PROCESS_ID=i`: explicit, as
+    `launch/local.py` and most cluster scripts set them;
+  - `JAXLM_DISTRIBUTED=auto`: let JAX detect the cluster (Cloud TPU pod, SLURM, Open MPI);
+  - neither: a single process.
+  Must run before JAX starts its backends.
+  """
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    count, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(num_processes=int(count) if count else None,
+                               process_id=int(index) if index else None)
+  elif env.get("JAXLM_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()

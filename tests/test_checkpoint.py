@@ -257,3 +257,19 @@ def test_nothing_loads_pickle():
       if pattern.search(line):
         offenders.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
   assert not offenders, offenders
+
+
+def test_keeps_the_newest_k_and_the_best_by_validation_loss(tmp_path):
+  state = {"w": np.arange(4.0)}
+  data = TrainBatches(np.zeros(100, np.uint16), seq_len=16, batch_size=8, seed=0)
+  checkpoints = Checkpoints(str(tmp_path), keep=2)
+  for step, val_loss in ((1, 3.0), (2, 1.0), (3, None), (4, 2.0), (5, 2.5), (6, None)):
+    checkpoints.save(step, state, data, val_loss=val_loss)
+    checkpoints.wait()
+  assert checkpoints.steps() == [2, 5, 6]  # the newest two, and step 2 with the lowest val_loss
+  assert checkpoints.save(6, state, data) is False  # an existing step is left as it is
+  checkpoints.close()
+  reopened = Checkpoints(str(tmp_path), keep=2)  # the ranking survives a restart
+  reopened.save(7, state, data, val_loss=2.2)
+  reopened.close()
+  assert reopened.steps() == [2, 6, 7]

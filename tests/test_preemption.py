@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,18 +28,37 @@ RUN = [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=10",
 MESHES = {  # name -> (devices in the process, mesh overrides)
     "1 device": (1, ["--config.mesh.data=1"]),
     "2x2x2": (8, ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]),
+    "2 processes x 2 devices": (2, ["--config.mesh.data=2", "--config.mesh.fsdp=2"]),
 }
+PROCESSES = {"2 processes x 2 devices": 2}
 
 
-def start(workdir, mesh):
-  devices, overrides = MESHES[mesh]
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def start(workdir, mesh, *overrides):
+  """`jaxlm train` in fresh processes (several: a local JAX distributed run); returns them."""
+  devices, mesh_overrides = MESHES[mesh]
+  processes = PROCESSES.get(mesh, 1)
   workdir.mkdir(parents=True, exist_ok=True)
-  out = open(workdir.parent / f"{workdir.name}.out", "a")  # noqa: SIM115 (the child holds it)
-  err = open(workdir.parent / f"{workdir.name}.err", "a")  # noqa: SIM115
-  return subprocess.Popen(
-      [sys.executable, "-m", "jaxlm.cli", "train", f"--config={ROOT}/tests/tiny.py",
-       f"--workdir={workdir}", *RUN, *overrides], env=env, cwd=ROOT, stdout=out, stderr=err)
+  port = free_port()
+  procs = []
+  for i in range(processes):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if processes > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+                 JAX_PROCESS_ID=str(i))
+    suffix = "" if i == 0 else f".{i}"
+    out = open(workdir.parent / f"{workdir.name}.out{suffix}", "a")  # noqa: SIM115 (the child holds it)
+    err = open(workdir.parent / f"{workdir.name}.err{suffix}", "a")  # noqa: SIM115
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "jaxlm.cli", "train", f"--config={ROOT}/tests/tiny.py",
+         f"--workdir={workdir}", *RUN, *mesh_overrides, *overrides], env=env, cwd=ROOT, stdout=out,
+        stderr=err))
+  return procs
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def output(workdir):
@@ -46,9 +66,9 @@ def output(workdir):
           (workdir.parent / f"{workdir.name}.err").read_text())
 
 
-def finish(workdir, mesh):
-  proc = start(workdir, mesh)
-  assert proc.wait(timeout=300) == 0, output(workdir)[1][-3000:]
+def finish(workdir, mesh, *overrides):
+  for proc in start(workdir, mesh, *overrides):
+    assert proc.wait(timeout=300) == 0, output(workdir)[1][-3000:]
 
 
 def metrics(workdir):
@@ -58,20 +78,24 @@ def metrics(workdir):
   return lines
 
 
-def interrupt_at(workdir, mesh, step, sig):
-  """Starts a run and sends `sig` once metrics.jsonl reaches `step`; returns (exit code, seconds to exit)."""
-  proc = start(workdir, mesh)
+def interrupt_at(workdir, mesh, step, sig, *overrides, to_process=0):
+  """Starts a run and sends `sig` to one of its processes once metrics.jsonl reaches `step`.
+
+  Returns (exit codes, seconds until all exited).
+  """
+  procs = start(workdir, mesh, *overrides)
   path = workdir / "metrics.jsonl"
-  while proc.poll() is None:
+  while all(p.poll() is None for p in procs):
     if path.exists() and any(f'"step": {s},' in path.read_text() for s in range(step, STEPS + 1)):
       sent = time.monotonic()
-      proc.send_signal(sig)
-      return proc.wait(timeout=120), time.monotonic() - sent
+      procs[to_process].send_signal(sig)
+      codes = [p.wait(timeout=120) for p in procs]
+      return codes, time.monotonic() - sent
     time.sleep(0.002)
   pytest.fail(f"the run ended before step {step}: {output(workdir)[1][-2000:]}")
 
 
-def saved_arrays(workdir, step):
+def saved_arrays(workdir, step=STEPS):
   """Every array of the saved TrainState (params, optimizer state, step, RNG) as numpy."""
   directory = workdir / "checkpoints" / str(step) / "state"
   with ocp.PyTreeCheckpointer() as checkpointer:
@@ -82,9 +106,9 @@ def saved_arrays(workdir, step):
   return {jax.tree_util.keystr(path): x for path, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
 
-def assert_same_run(workdir, reference):
+def assert_same_run(workdir, reference, steps=STEPS):
   assert metrics(workdir) == metrics(reference)
-  ours, theirs = saved_arrays(workdir, STEPS), saved_arrays(reference, STEPS)
+  ours, theirs = saved_arrays(workdir, steps), saved_arrays(reference, steps)
   assert ours.keys() == theirs.keys()
   for name in theirs:
     assert np.array_equal(ours[name], theirs[name]), name
@@ -103,12 +127,12 @@ def reference(tmp_path_factory):
   return get
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", ["1 device", "2x2x2"])
 def test_sigkill_at_a_random_step_then_restart_equals_an_uninterrupted_run(reference, tmp_path, mesh):
   kill_step = random.Random(f"sigkill {mesh}").randint(15, 95)
   workdir = tmp_path / "w"
-  code, _ = interrupt_at(workdir, mesh, kill_step, signal.SIGKILL)
-  assert code == -signal.SIGKILL
+  codes, _ = interrupt_at(workdir, mesh, kill_step, signal.SIGKILL)
+  assert codes == [-signal.SIGKILL]
   saved = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
   assert saved and saved[-1] < STEPS  # it really died mid-run
   finish(workdir, mesh)
@@ -119,9 +143,9 @@ def test_sigkill_at_a_random_step_then_restart_equals_an_uninterrupted_run(refer
 
 def test_sigterm_saves_at_the_current_step_exits_0_and_resumes_exactly(reference, tmp_path):
   workdir = tmp_path / "w"
-  code, seconds = interrupt_at(workdir, "1 device", 43, signal.SIGTERM)
+  codes, seconds = interrupt_at(workdir, "1 device", 43, signal.SIGTERM)
   out, err = output(workdir)
-  assert code == 0, err[-2000:]
+  assert codes == [0], err[-2000:]
   assert seconds < 30, "a scheduler's grace period is typically 30 s"
   stopped = int(re.search(r"stopped by SIGTERM after step (\d+); checkpoint saved", out).group(1))
   assert 43 <= stopped < STEPS
@@ -131,6 +155,26 @@ def test_sigterm_saves_at_the_current_step_exits_0_and_resumes_exactly(reference
   finish(workdir, "1 device")
   assert f"resumed from {workdir}/checkpoints/{stopped}" in output(workdir)[0]
   assert_same_run(workdir, reference("1 device"))
+
+
+def test_with_two_processes_sigterm_to_one_stops_both_at_the_same_step(reference, tmp_path):
+  """Only process 1 gets the signal; the processes agree, save one checkpoint together, exit 0."""
+  mesh, steps = "2 processes x 2 devices", 40
+  workdir = tmp_path / "w"
+  codes, seconds = interrupt_at(workdir, mesh, 13, signal.SIGTERM, f"--config.train.steps={steps}",
+                                to_process=1)
+  out, err = output(workdir)
+  assert codes == [0, 0], err[-2000:]
+  stopped = int(re.search(r"stopped by a signal to another process after step (\d+)", out).group(1))
+  assert 13 <= stopped < steps and seconds < 30
+  data = workdir / "checkpoints" / str(stopped) / "data"
+  assert sorted(os.listdir(data)) == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  for i in range(2):
+    assert json.loads((data / f"process_{i}-of-2.json").read_text())["step"] == stopped
+  finish(workdir, mesh, f"--config.train.steps={steps}")
+  uninterrupted = tmp_path / "reference"
+  finish(uninterrupted, mesh, f"--config.train.steps={steps}")
+  assert_same_run(workdir, uninterrupted, steps)
 
 
 def test_a_second_sigint_aborts_at_once(monkeypatch, capsys):
