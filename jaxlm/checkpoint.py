@@ -20,9 +20,11 @@ import json
 import math
 import os
 import sys
+import threading
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -45,6 +47,9 @@ class Checkpoints:
   def __init__(self, workdir: str, keep: int, keep_best: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._saving: int | None = None
+    self._thread: threading.Thread | None = None
+    self._error: BaseException | None = None
+    self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
     policies = [keep_policy.LatestN(n=keep)]
     if keep_best:
       policies.append(keep_policy.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
@@ -61,19 +66,33 @@ class Checkpoints:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, data_iterator, val_loss: float | None = None) -> bool:
-    """Starts an async save; returns once the arrays are copied off the devices (donation-safe).
+    """Starts saving `state` and the iterator's current position at `step`; returns at once.
 
-    `val_loss` (measured at this step) ranks the step for the keep-best policy. A step that is
-    already saved is left as it is.
+    The state is first copied on its devices (microseconds to dispatch), so the training loop may
+    donate `state` to the next step right away; a background thread hands the copy to orbax, which
+    moves it to the host and writes it asynchronously. `val_loss` (measured at this step) ranks the
+    step for the keep-best policy. A step that is already saved is left as it is (returns False).
     """
+    self.wait()
     if step in self._manager.all_steps():
       return False
-    self._manager.wait_until_finished()  # the seal callback needs to know which step it seals
-    self._saving = step
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(data_iterator))
+    snapshot = self._copy(state)
+    data = _Position(data_iterator.get_state())
     metrics = {"step": step} if val_loss is None else {"step": step, "val_loss": float(val_loss)}
-    return self._manager.save(step, args=args, metrics=metrics)
+    self._thread = threading.Thread(target=self._save, args=(step, snapshot, data, metrics),
+                                    name=f"jaxlm-save-{step}", daemon=True)
+    self._thread.start()
+    return True
+
+  def _save(self, step: int, snapshot, data, metrics) -> None:
+    try:
+      self._manager.wait_until_finished()  # the seal callback needs to know which step it seals
+      self._saving = step
+      args = ocp.args.Composite(state=ocp.args.StandardSave(snapshot),
+                                data=grain.checkpoint.CheckpointSave(data))
+      self._manager.save(step, args=args, metrics=metrics)
+    except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
+      self._error = e
 
   def _seal(self) -> None:
     """Runs on process 0 after every process has written the step, before orbax commits it."""
@@ -82,12 +101,23 @@ class Checkpoints:
     folder = max(folders, key=os.path.getmtime) if folders else os.path.join(self.directory, str(step))
     write_manifest(folder, step)
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+  def wait(self, committed: bool = False) -> None:
+    """Waits until the last save has handed its arrays to orbax (or, `committed`, is on disk).
+
+    Raises the save's error if it failed.
+    """
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    if self._error is not None:
+      error, self._error = self._error, None
+      raise error
+    if committed:
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves."""
-    self._manager.wait_until_finished()
+    """Waits for pending saves to be committed."""
+    self.wait(committed=True)
     self._manager.close()
 
   def restore_latest(self, abstract_state, data_iterator):
@@ -150,6 +180,16 @@ class Checkpoints:
            f"temporary folder to {moved}")
     if leftovers:
       multihost_utils.sync_global_devices("jaxlm leftovers moved")
+
+
+class _Position:
+  """A data iterator's state captured at save time, in the form grain's checkpoint handler saves."""
+
+  def __init__(self, state: bytes):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return self._state
 
 
 def _val_loss(metrics) -> float:
