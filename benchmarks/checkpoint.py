@@ -1,12 +1,13 @@
 """What checkpoints cost: the training time a save takes (async), and resume against a cold start.
 
-  python benchmarks/checkpoint.py [--repeats=3] [--steps=200]
+  python benchmarks/checkpoint.py [--repeats=3] [--steps=250] [--every=25]
 
-Save stall, two ways, both over the median step time: (1) how long the save call holds up the loop
-(median over the saves after the first, which also starts orbax up); (2) the same run twice, saving
-every 10 steps and only at the end: the extra loop time over the extra saves, i.e. the stall plus the
-background copy and write competing with training for the CPU (on a 2-core machine whose cores both
-run XLA, that competition is the bulk of it; an accelerator host has cores to spare). Resume: seconds from starting `jaxlm train` to the first new step's line in
+Save stall, two ways, both over the median step time: (1) how long the save call takes (median over
+the saves after the first, which also starts orbax up); it includes waiting for the step in flight,
+which is training, not stall; (2) the same run twice, saving every `--every` steps and only at the
+end: the extra loop time over the extra saves, i.e. the stall plus the background write competing with
+training for the CPU (on a 2-core machine whose cores both run XLA, that competition is most of it;
+an accelerator host has cores to spare). Resume: seconds from starting `jaxlm train` to the first new step's line in
 metrics.jsonl, on a workdir with a checkpoint against an empty one. Rows alternate and repeat; medians.
 """
 
@@ -75,17 +76,18 @@ def seconds_to_first_new_step(config: str, overrides: list[str], workdir: str, s
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=200)
+  parser.add_argument("--steps", type=int, default=250)
+  parser.add_argument("--every", type=int, default=25)
   args = parser.parse_args()
-  print("| config | median step | save call blocks | in steps | extra loop time per save | in steps "
+  print("| config | median step | save call | in steps | extra loop time per save | in steps "
         "| cold start to step 1 | resume to first new step | resume / cold |")
   print("|---|---|---|---|---|---|---|---|---|")
   for name, (config, overrides) in CONFIGS.items():
     blocks, stalls, steps_s, cold, warm = [], [], [], [], []
     for _ in range(args.repeats):
-      saving = loop_result(config, overrides, args.steps, 10)
+      saving = loop_result(config, overrides, args.steps, args.every)
       quiet = loop_result(config, overrides, args.steps, args.steps)
-      extra_saves = args.steps // 10 - 1
+      extra_saves = args.steps // args.every - 1
       stalls.append((saving["loop_seconds"] - quiet["loop_seconds"]) / extra_saves)
       blocks.append(saving["save_seconds"])
       steps_s += [saving["step_seconds"], quiet["step_seconds"]]

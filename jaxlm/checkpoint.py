@@ -24,7 +24,6 @@ import threading
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -49,7 +48,6 @@ class Checkpoints:
     self._saving: int | None = None
     self._thread: threading.Thread | None = None
     self._error: BaseException | None = None
-    self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
     policies = [keep_policy.LatestN(n=keep)]
     if keep_best:
       policies.append(keep_policy.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
@@ -66,32 +64,39 @@ class Checkpoints:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, data_iterator, val_loss: float | None = None) -> bool:
-    """Starts saving `state` and the iterator's current position at `step`; returns at once.
+    """Starts saving `state` and the iterator's position at `step`; the writing goes on in the background.
 
-    The state is first copied on its devices (microseconds to dispatch), so the training loop may
-    donate `state` to the next step right away; a background thread hands the copy to orbax, which
-    moves it to the host and writes it asynchronously. `val_loss` (measured at this step) ranks the
-    step for the keep-best policy. A step that is already saved is left as it is (returns False).
+    In a single process, the state is copied to host memory here (waiting for the step that computes
+    it; `state` may then be donated to the next step) and a background thread hands the copy to
+    orbax. Only this thread touches the devices: on CPU meshes, device work from a second thread
+    can starve a collective of threads and hang. With several processes, whose arrays span hosts,
+    orbax copies each process's shards off the devices here, then writes in its own background
+    thread. `val_loss` (measured at this step) ranks the step for the keep-best policy. A step that
+    is already saved is left as it is (returns False).
     """
     self.wait()
     if step in self._manager.all_steps():
       return False
-    snapshot = self._copy(state)
     data = _Position(data_iterator.get_state())
     metrics = {"step": step} if val_loss is None else {"step": step, "val_loss": float(val_loss)}
-    self._thread = threading.Thread(target=self._save, args=(step, snapshot, data, metrics),
-                                    name=f"jaxlm-save-{step}", daemon=True)
-    self._thread.start()
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(state)):
+      host = jax.tree.map(lambda x: np.array(x, copy=True), state)
+      self._thread = threading.Thread(target=self._save, args=(step, host, data, metrics),
+                                      name=f"jaxlm-save-{step}", daemon=True)
+      self._thread.start()
+    else:
+      self._save(step, state, data, metrics)
+      self.wait()
     return True
 
-  def _save(self, step: int, snapshot, data, metrics) -> None:
+  def _save(self, step: int, tree, data, metrics) -> None:
     try:
       self._manager.wait_until_finished()  # the seal callback needs to know which step it seals
       self._saving = step
-      args = ocp.args.Composite(state=ocp.args.StandardSave(snapshot),
+      args = ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                 data=grain.checkpoint.CheckpointSave(data))
       self._manager.save(step, args=args, metrics=metrics)
-    except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
+    except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by wait()
       self._error = e
 
   def _seal(self) -> None:
