@@ -2,9 +2,9 @@
 
   python benchmarks/checkpoint.py [--repeats=3] [--steps=250] [--every=25]
 
-Save stall, two ways, both over the median step time: (1) how long the save call takes (median over
-the saves after the first, which also starts orbax up); it includes waiting for the step in flight,
-which is training, not stall; (2) the same run twice, saving every `--every` steps and only at the
+Save stall, two ways, both over the median step time: (1) how long the save call holds the loop once
+the step it saves is computed (median over the saves after the first, which also starts orbax up);
+(2) the same run twice, saving every `--every` steps and only at the
 end: the extra loop time over the extra saves, i.e. the stall plus the background write competing with
 training for the CPU (on a 2-core machine whose cores both run XLA, that competition is most of it;
 an accelerator host has cores to spare). Resume: seconds from starting `jaxlm train` to the first new step's line in

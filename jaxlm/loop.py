@@ -156,6 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
         evaluate_now(done)
       stop = stop_requested(signals)
       if done % c.checkpoint_every == 0 or done == c.steps or stop:
+        jax.block_until_ready(state)  # (waiting for the step is training; the save starts after it)
         begin = time.monotonic()
         checkpoints.save(done, state, data, val_loss=last["val_loss"] if evaluated else None)
         save_seconds.append(time.monotonic() - begin)
