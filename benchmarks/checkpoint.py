@@ -56,14 +56,15 @@ def loop_result(config: str, overrides: list[str], steps: int, every: int) -> di
 
 def seconds_to_first_new_step(config: str, overrides: list[str], workdir: str, steps: int) -> float:
   metrics = os.path.join(workdir, "metrics.jsonl")
-  before = open(metrics).read().count("\n") if os.path.exists(metrics) else 0
+  count = lambda: _read(metrics).count("\n") if os.path.exists(metrics) else 0
+  before = count()
   begin = time.monotonic()
   proc = subprocess.Popen(command(config, workdir, *overrides, f"--config.train.steps={steps}",
                                   "--config.train.log_every=1", f"--config.train.eval_every={steps}",
                                   "--config.train.checkpoint_every=1000000"),
                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   while True:
-    if os.path.exists(metrics) and open(metrics).read().count("\n") > before:
+    if count() > before:
       seconds = time.monotonic() - begin
       break
     if proc.poll() is not None:
@@ -71,6 +72,11 @@ def seconds_to_first_new_step(config: str, overrides: list[str], workdir: str, s
     time.sleep(0.005)
   proc.wait()
   return seconds
+
+
+def _read(path: str) -> str:
+  with open(path) as f:
+    return f.read()
 
 
 def main() -> None:

@@ -138,6 +138,8 @@ class Checkpoints:
           check_shapes(self._manager.item_metadata(step)["state"], abstract_state,
                        f"checkpoint {self.directory}/{step}")
           restored = self._restore(step, abstract_state, data_iterator)
+          if int(restored.step) != step:
+            problem = f"it holds the state of step {int(restored.step)}"
         except UserError:
           raise
         except Exception as e:  # noqa: BLE001 - any failure to read is damage; the message says which

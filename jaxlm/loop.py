@@ -90,6 +90,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
       data.step = step  # (the saved iterator state says the same; the batches are a function of it)
       log.drop_after(step)
       progress.message(f"resumed from {checkpoints.directory}/{step}")
+      if config.init_from:
+        progress.message(f"(init_from={config.init_from} applies to a fresh run only; resuming)")
     else:
       state = init()
       if config.init_from:

@@ -12,9 +12,9 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, tiny_config
 from flax import nnx
 
-from conftest import ROOT, tiny_config
 from jaxlm import cli, loop
 from jaxlm.checkpoint import MANIFEST, Checkpoints, abstract_like, load_params
 from jaxlm.data.text import TrainBatches
@@ -103,6 +103,17 @@ def test_a_leftover_temporary_folder_is_reported_and_set_aside(trained, tmp_path
   assert "9.incomplete" in os.listdir(copy / "checkpoints")
 
 
+def test_a_step_folder_holding_another_step_is_not_trusted(trained, tmp_path, capsys):
+  config, workdir = trained
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy)
+  shutil.copytree(copy / "checkpoints" / "6", copy / "checkpoints" / "9")  # e.g. a bad manual copy
+  capsys.readouterr()
+  state, step, _, _, _ = restore_latest(config, copy)
+  assert step == 6 and int(state.step) == 6
+  assert "checkpoint step 9 is damaged: it holds the state of step 6" in capsys.readouterr().err
+
+
 def test_every_step_damaged_starts_fresh(trained, tmp_path, capsys):
   config, workdir = trained
   copy = tmp_path / "w"
@@ -115,7 +126,7 @@ def test_every_step_damaged_starts_fresh(trained, tmp_path, capsys):
 
 
 def test_the_cli_resumes_past_a_damaged_step_without_a_traceback(trained, tmp_path, capsys):
-  config, workdir = trained
+  _, workdir = trained
   copy = tmp_path / "w"
   shutil.copytree(workdir, copy)
   os.remove(largest_array_file(copy / "checkpoints" / "6"))
@@ -159,7 +170,7 @@ def test_restore_reshards_onto_another_mesh_and_continues(trained):
 
 
 def test_resume_with_shape_changing_config_is_a_clear_error(trained):
-  config, workdir = trained
+  _, workdir = trained
   changed = tiny_config()
   changed.mesh.data = -1
   changed.model.width = 128
@@ -179,7 +190,7 @@ def test_the_cli_reports_a_config_conflict_in_one_line(trained, capsys):
 
 
 def test_more_steps_and_another_mesh_may_change_on_resume(trained, tmp_path, capsys):
-  config, workdir = trained
+  _, workdir = trained
   copy = tmp_path / "w"
   shutil.copytree(workdir, copy)
   longer = tiny_config()
@@ -253,7 +264,9 @@ def test_nothing_loads_pickle():
   pattern = re.compile(r"\bpickle\b|cloudpickle|\bdill\b|allow_pickle\s*=\s*True|torch\.load|joblib")
   offenders = []
   for path in glob.glob(f"{ROOT}/jaxlm/**/*.py", recursive=True):
-    for number, line in enumerate(open(path), 1):
+    with open(path) as f:
+      source = f.read().splitlines()
+    for number, line in enumerate(source, 1):
       if pattern.search(line):
         offenders.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
   assert not offenders, offenders

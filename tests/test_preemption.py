@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from conftest import ROOT
+
 from jaxlm import preemption
 
 STEPS = 120
