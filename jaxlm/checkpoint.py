@@ -203,10 +203,13 @@ def _restore_args(abstract, partial: bool = False) -> ocp.args.PyTreeRestore:
 
 
 class _Position:
-  """A data iterator's state captured at save time, in the form grain's checkpoint handler saves."""
+  """A data iterator's state captured at save time, in the form grain's checkpoint handler saves.
 
-  def __init__(self, state: bytes):
-    self._state = state
+  Iterators give JSON bytes (ours, grain's DataLoader) or a dict (grain's dataset iterators).
+  """
+
+  def __init__(self, state: bytes | dict):
+    self._state = state if isinstance(state, bytes) else json.dumps(state, indent=2).encode()
 
   def get_state(self) -> bytes:
     return self._state
