@@ -13,10 +13,14 @@ from ml_collections import config_flags
 
 from jaxlm.errors import UserError
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "prepare")
 USAGE = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.section.key=value ...]
+       jaxlm prepare --input=PATH [--input=PATH ...] --output=DIR [--tokenizer=byte|bpe:VOCAB|FILE]
+                     [--text_field=text] [--val_fraction=0.01] [--workers=N] [--strict_utf8] [--overwrite]
 
-  train   train a model per the config (resumes if the workdir has a checkpoint)
+  train     train a model per the config (resumes if the workdir has a checkpoint)
+  prepare   tokenize .txt / .jsonl files and folders (optionally .gz) into a token store for
+            --config.data.path
 """
 
 
@@ -94,6 +98,47 @@ def train(argv: list[str]) -> None:
   loop.run(config, workdir)
 
 
+def parse_prepare_flags(argv: list[str]) -> dict:
+  values = flags.FlagValues()
+  flags.DEFINE_multi_string("input", [], "text file, folder or .jsonl (repeatable)", flag_values=values)
+  flags.DEFINE_string("output", None, "store folder or gs:// URL", flag_values=values)
+  flags.DEFINE_string("tokenizer", "byte", "byte, bpe:VOCAB or a tokenizer.json", flag_values=values)
+  flags.DEFINE_string("text_field", "text", "the JSONL field that holds the text", flag_values=values)
+  flags.DEFINE_float("val_fraction", 0.01, "share of documents for validation", flag_values=values)
+  flags.DEFINE_integer("workers", 1, "tokenizer processes", flag_values=values)
+  flags.DEFINE_integer("seed", 0, "seed of the train/validation split", flag_values=values)
+  flags.DEFINE_bool("strict_utf8", False, "invalid UTF-8 is an error (default: replaced)",
+                    flag_values=values)
+  flags.DEFINE_bool("overwrite", False, "replace an existing store", flag_values=values)
+  try:
+    extra = values(["jaxlm"] + argv)[1:]
+  except flags.Error as e:
+    raise UserError(str(e).splitlines()[0], "see `jaxlm --help`") from None
+  if extra:
+    raise UserError(f"unexpected arguments: {' '.join(extra)}", "flags look like --name=value")
+  if not values.input:
+    raise UserError("missing --input", "e.g. --input=corpus/ or --input=data.jsonl.gz")
+  if not values.output:
+    raise UserError("missing --output", "e.g. --output=data/mystore")
+  return {name: values[name].value for name in ("input", "output", "tokenizer", "text_field",
+                                                "val_fraction", "workers", "seed", "strict_utf8",
+                                                "overwrite")}
+
+
+def prepare(argv: list[str]) -> None:
+  args = parse_prepare_flags(argv)
+  from jaxlm.data.prepare import prepare as run_prepare
+
+  inputs, output = args.pop("input"), args.pop("output")
+  meta = run_prepare(inputs, output, **args)
+  train, val = meta["splits"]["train"], meta["splits"]["validation"]
+  replaced = meta["sources"]["invalid_utf8_replaced"]
+  print(f"{output}: {meta['sources']['files']} files, {train['documents'] + val['documents']:,} documents, "
+        f"{train['tokens']:,} training / {val['tokens']:,} validation tokens ({meta['tokenizer']['type']}, "
+        f"vocabulary {meta['tokenizer']['vocab_size']:,}; split by {meta['split_by']}) in "
+        f"{meta['seconds']:.1f} s" + (f"; {replaced:,} invalid UTF-8 sequences replaced" if replaced else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help", "help"):
@@ -103,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if command not in COMMANDS:
       raise UserError(f"unknown command {command!r}", f"commands: {', '.join(COMMANDS)}")
-    train(rest)
+    {"train": train, "prepare": prepare}[command](rest)
   except UserError as e:
     print(f"jaxlm: error: {e}", file=sys.stderr)
     return 2

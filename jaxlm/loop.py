@@ -19,8 +19,8 @@ from flax import nnx
 from jaxlm import generate
 from jaxlm.checkpoint import Checkpoints, abstract_like, load_params, resolve_checkpoint
 from jaxlm.config import resume_changes, to_json, validate
-from jaxlm.data.text import TrainBatches, eval_batches, load_corpus
-from jaxlm.data.tokenizer import ByteTokenizer, padded_vocab_size, save_tokenizer
+from jaxlm.data.text import TrainBatches, eval_batches, load_data
+from jaxlm.data.tokenizer import padded_vocab_size, save_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.metrics import MetricsLog, Progress, flops_per_token, param_count
 from jaxlm.models.gpt import ModelConfig
@@ -67,8 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
   elif config.init_from:
     resolve_checkpoint(config.init_from)  # a bad path fails now, not after the data is loaded
 
-  tokenizer = ByteTokenizer()
-  train_tokens, val_tokens, source = load_corpus(config.data, tokenizer)
+  tokenizer, train_tokens, val_tokens, source = load_data(config.data)
   model_config = ModelConfig.from_config(config.model, padded_vocab_size(tokenizer.vocab_size))
   if model_config.vocab_size < tokenizer.vocab_size:
     raise UserError(f"model.vocab_size {model_config.vocab_size} is smaller than the tokenizer's "

@@ -11,6 +11,8 @@ import os
 import numpy as np
 
 from jaxlm.data.fairytales import generate_fairy_tales
+from jaxlm.data.store import TokenStore, is_store
+from jaxlm.data.tokenizer import ByteTokenizer, load_tokenizer_json
 from jaxlm.errors import UserError
 
 _VAL_STREAM = 1  # separates the validation window stream from the training one
@@ -20,8 +22,6 @@ def read_text(path: str) -> str:
   """A UTF-8 text file; bad bytes become U+FFFD rather than stopping a long run."""
   if not os.path.exists(path):
     raise UserError(f"data file {path} does not exist", "check --config.data.path")
-  if os.path.isdir(path):
-    raise UserError(f"data path {path} is a folder", "give one UTF-8 text file in --config.data.path")
   try:
     with open(path, "rb") as f:
       raw = f.read()
@@ -30,6 +30,24 @@ def read_text(path: str) -> str:
   if not raw.strip():
     raise UserError(f"data file {path} is empty", "give a file with text in it")
   return raw.decode("utf-8", errors="replace")
+
+
+def load_data(data_config):
+  """(tokenizer, train tokens, validation tokens, description) for `data.path`.
+
+  A prepared token store (a folder or URL, see store.py) brings its own tokenizer and split; a text
+  file, or the built-in fairy tales when the path is empty, is byte-tokenized and its last
+  `val_fraction` is validation.
+  """
+  path = data_config.path
+  if path and is_store(path):
+    token_store = TokenStore(path)
+    tokenizer = load_tokenizer_json(token_store.tokenizer_json, f"{path}/tokenizer.json")
+    (train, _), (val, _) = token_store.read("train"), token_store.read("validation")
+    _check_lengths(train, val, data_config.seq_len, path)
+    return tokenizer, train, val, path
+  tokenizer = ByteTokenizer()
+  return (tokenizer, *load_corpus(data_config, tokenizer))
 
 
 def load_corpus(data_config, tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
@@ -41,13 +59,17 @@ def load_corpus(data_config, tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
   tokens = tokenizer.encode(text).astype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
   split = int(len(tokens) * (1.0 - data_config.val_fraction))
   train, val = tokens[:split], tokens[split:]
-  need = data_config.seq_len + 1
+  _check_lengths(train, val, data_config.seq_len, source)
+  return train, val, source
+
+
+def _check_lengths(train: np.ndarray, val: np.ndarray, seq_len: int, source: str) -> None:
+  need = seq_len + 1
   for name, part in (("training", train), ("validation", val)):
     if len(part) < need:
       raise UserError(
           f"{source} is too short: its {name} split has {len(part)} tokens, fewer than one sequence "
           f"(data.seq_len + 1 = {need})", "use a longer file or a shorter --config.data.seq_len")
-  return train, val, source
 
 
 def window_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:

@@ -46,7 +46,7 @@ class ByteTokenizer:
     return json.dumps({"type": self.name, "vocab_size": self.vocab_size}, indent=2) + "\n"
 
 
-def save_tokenizer(tokenizer: ByteTokenizer, path: str) -> None:
+def save_tokenizer(tokenizer, path: str) -> None:
   """Writes the tokenizer as JSON (atomically), so a workdir alone can decode and encode."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -54,12 +54,24 @@ def save_tokenizer(tokenizer: ByteTokenizer, path: str) -> None:
   os.replace(tmp, path)
 
 
-def load_tokenizer(path: str) -> ByteTokenizer:
+def load_tokenizer(path: str):
+  """The tokenizer a workdir or store holds in tokenizer.json."""
   try:
     with open(path) as f:
-      spec = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read tokenizer {path}: {e}", "the workdir should hold tokenizer.json") from None
-  if spec.get("type") != ByteTokenizer.name:
-    raise UserError(f"{path}: unknown tokenizer type {spec.get('type')!r}", "expected 'byte'")
-  return ByteTokenizer()
+      text = f.read()
+  except OSError as e:
+    raise UserError(f"cannot read tokenizer {path}: {e.strerror}", "the workdir should hold tokenizer.json") from None
+  return load_tokenizer_json(text, path)
+
+
+def load_tokenizer_json(text: str, source: str = "tokenizer.json"):
+  """Our byte tokenizer ({"type": "byte"}) or a Hugging Face tokenizer.json (BPE)."""
+  try:
+    spec = json.loads(text)
+  except ValueError:
+    raise UserError(f"{source} is not valid JSON", "give a tokenizer.json file") from None
+  if isinstance(spec, dict) and spec.get("type") == ByteTokenizer.name:
+    return ByteTokenizer()
+  from jaxlm.data.bpe import BPETokenizer  # the tokenizers library only when needed
+
+  return BPETokenizer.from_json(text, source)
