@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # a workdir or WORKDIR/STEP: start from its parameters (fine-tuning); a resume wins
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = ""  # a UTF-8 text file; empty: the built-in fairy tales
+  c.data.path = ""  # a UTF-8 text file or a `jaxlm prepare` store; empty: the built-in fairy tales
+  c.data.loader_workers = 0  # grain worker processes reading a store (0: background threads only)
   c.data.fairytale_bytes = 4_000_000  # size of the built-in corpus
   c.data.batch_size = 12  # global, over all devices and processes
   c.data.seq_len = 64
@@ -147,6 +148,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
   if c.data.seq_len > m.max_seq_len:
     raise UserError(f"data.seq_len {c.data.seq_len} is longer than model.max_seq_len {m.max_seq_len}",
                     "shorten data.seq_len or raise model.max_seq_len")
+  if c.data.loader_workers < 0:
+    raise UserError(f"data.loader_workers must be 0 or more, got {c.data.loader_workers}",
+                    "e.g. --config.data.loader_workers=2")
   if not 0.0 < c.data.val_fraction < 1.0:
     raise UserError(f"data.val_fraction must be in (0, 1), got {c.data.val_fraction}",
                     "e.g. --config.data.val_fraction=0.1")

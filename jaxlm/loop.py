@@ -19,7 +19,7 @@ from flax import nnx
 from jaxlm import generate
 from jaxlm.checkpoint import Checkpoints, abstract_like, load_params, resolve_checkpoint
 from jaxlm.config import resume_changes, to_json, validate
-from jaxlm.data.text import TrainBatches, eval_batches, load_data
+from jaxlm.data.text import eval_batches, load_data
 from jaxlm.data.tokenizer import padded_vocab_size, save_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.metrics import MetricsLog, Progress, flops_per_token, param_count
@@ -67,7 +67,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
   elif config.init_from:
     resolve_checkpoint(config.init_from)  # a bad path fails now, not after the data is loaded
 
-  tokenizer, train_tokens, val_tokens, source = load_data(config.data)
+  corpus = load_data(config.data)
+  tokenizer, val_tokens = corpus.tokenizer, corpus.val_tokens
   model_config = ModelConfig.from_config(config.model, padded_vocab_size(tokenizer.vocab_size))
   if model_config.vocab_size < tokenizer.vocab_size:
     raise UserError(f"model.vocab_size {model_config.vocab_size} is smaller than the tokenizer's "
@@ -82,11 +83,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
   log = MetricsLog(workdir, enabled=is_chief)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), StopSignals() as signals:
     setup, init, shardings = plan_train_state(config, model_config, token_bytes, mesh)
-    data = TrainBatches(train_tokens, **batch_kwargs)
+    data = corpus.train_batches(workers=config.data.loader_workers, **batch_kwargs)
     checkpoints = Checkpoints(workdir, c.keep_checkpoints, c.keep_best)
     if restored := checkpoints.restore_latest(abstract_like(jax.eval_shape(init), shardings), data):
       state, step = restored
-      data.step = step  # (the saved iterator state says the same; the batches are a function of it)
+      data.step = step  # (what the saved iterator state says, unless saved by another number of processes)
       log.drop_after(step)
       progress.message(f"resumed from {checkpoints.directory}/{step}")
       if config.init_from:
@@ -101,7 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(to_json(config))
       save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer.json"))
-    progress.message(f"{source}: {len(train_tokens):,} training / {len(val_tokens):,} validation "
+    progress.message(f"{corpus.source}: {corpus.train_count:,} training / {len(val_tokens):,} validation "
                      f"tokens; model {param_count(model_config):,} parameters; mesh "
                      f"data={shape[0]} fsdp={shape[1]} tensor={shape[2]} on {jax.device_count()} "
                      f"{jax.devices()[0].platform} devices")

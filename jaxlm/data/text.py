@@ -5,6 +5,7 @@ uninterrupted run would have seen, and every process computes the same global ba
 only its own rows, so hosts never need to talk about data.
 """
 
+import dataclasses
 import json
 import os
 
@@ -32,22 +33,44 @@ def read_text(path: str) -> str:
   return raw.decode("utf-8", errors="replace")
 
 
-def load_data(data_config):
-  """(tokenizer, train tokens, validation tokens, description) for `data.path`.
+@dataclasses.dataclass
+class Corpus:
+  """What training reads: a text's tokens in memory, or a store's training split read through grain."""
 
-  A prepared token store (a folder or URL, see store.py) brings its own tokenizer and split; a text
-  file, or the built-in fairy tales when the path is empty, is byte-tokenized and its last
-  `val_fraction` is validation.
+  tokenizer: object
+  val_tokens: np.ndarray
+  source: str
+  train_tokens: np.ndarray | None = None  # a text file or the fairy tales
+  store: str | None = None  # a prepared token store
+  train_count: int = 0  # tokens in the training split
+
+  def train_batches(self, *, workers: int = 0, **batch_kwargs):
+    """This process's training batches (a checkpointable iterator) from step 0."""
+    if self.store is not None:
+      from jaxlm.data.pipeline import StoreBatches
+
+      return StoreBatches(self.store, self.train_count, workers=workers, **batch_kwargs)
+    return TrainBatches(self.train_tokens, **batch_kwargs)
+
+
+def load_data(data_config) -> Corpus:
+  """The corpus of `data.path`.
+
+  A prepared token store (a folder or URL, see store.py) brings its own tokenizer and split, and its
+  training split is read through the grain pipeline (pipeline.py); a text file, or the built-in fairy
+  tales when the path is empty, is byte-tokenized and its last `val_fraction` is validation.
   """
   path = data_config.path
   if path and is_store(path):
     token_store = TokenStore(path)
     tokenizer = load_tokenizer_json(token_store.tokenizer_json, f"{path}/tokenizer.json")
-    (train, _), (val, _) = token_store.read("train"), token_store.read("validation")
-    _check_lengths(train, val, data_config.seq_len, path)
-    return tokenizer, train, val, path
+    val, _ = token_store.read("validation")
+    count = token_store.meta["splits"]["train"]["tokens"]
+    _check_lengths(count, len(val), data_config.seq_len, path)
+    return Corpus(tokenizer, val, path, store=path, train_count=count)
   tokenizer = ByteTokenizer()
-  return (tokenizer, *load_corpus(data_config, tokenizer))
+  train, val, source = load_corpus(data_config, tokenizer)
+  return Corpus(tokenizer, val, source, train_tokens=train, train_count=len(train))
 
 
 def load_corpus(data_config, tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
@@ -59,16 +82,16 @@ def load_corpus(data_config, tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
   tokens = tokenizer.encode(text).astype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
   split = int(len(tokens) * (1.0 - data_config.val_fraction))
   train, val = tokens[:split], tokens[split:]
-  _check_lengths(train, val, data_config.seq_len, source)
+  _check_lengths(len(train), len(val), data_config.seq_len, source)
   return train, val, source
 
 
-def _check_lengths(train: np.ndarray, val: np.ndarray, seq_len: int, source: str) -> None:
+def _check_lengths(train: int, val: int, seq_len: int, source: str) -> None:
   need = seq_len + 1
-  for name, part in (("training", train), ("validation", val)):
-    if len(part) < need:
+  for name, count in (("training", train), ("validation", val)):
+    if count < need:
       raise UserError(
-          f"{source} is too short: its {name} split has {len(part)} tokens, fewer than one sequence "
+          f"{source} is too short: its {name} split has {count} tokens, fewer than one sequence "
           f"(data.seq_len + 1 = {need})", "use a longer file or a shorter --config.data.seq_len")
 
 
