@@ -22,8 +22,10 @@ from jaxlm.errors import UserError
 FORMAT, VERSION = "jaxlm-token-store", 1
 SPLITS = ("train", "validation")
 META, TOKENIZER = "meta.json", "tokenizer.json"
-CHUNK = 1 << 20  # tokens per zarr chunk
-CONTEXT = ts.Context()  # one per process, so memory:// stores are visible to every reader in it
+CHUNK = 1 << 16  # tokens per zarr chunk: a random window decompresses at most two of them
+# One per process, so memory:// stores are visible to every reader in it; decompressed chunks stay
+# cached, so neighbouring windows do not decompress the same chunk again.
+CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}})
 
 
 def is_url(path: str) -> bool:
@@ -94,7 +96,8 @@ class TokenStore:
     self.tokenizer_json = bytes(tok.value).decode()
 
   def _open(self, split: str, name: str):
-    spec = {"driver": "zarr3", "kvstore": kvstore_url(self.path) + f"{split}/{name}"}
+    spec = {"driver": "zarr3", "kvstore": kvstore_url(self.path) + f"{split}/{name}",
+            "recheck_cached_data": False}  # a committed store does not change under us
     try:
       return ts.open(spec, open=True, context=CONTEXT).result()
     except (ValueError, RuntimeError) as e:
