@@ -10,8 +10,8 @@ import sys
 import grain
 import numpy as np
 import pytest
-
 from conftest import ROOT, tiny_config
+
 from jaxlm import loop
 from jaxlm.data import pipeline, store
 from jaxlm.data.prepare import prepare

@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from jaxlm import cli, loop
 from jaxlm.data import store
 from jaxlm.data.prepare import prepare
@@ -167,6 +167,28 @@ def test_prepare_mistakes_are_one_line_errors(corpus, tmp_path, capsys, args, me
   assert cli.main(["prepare", *argv]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and err.startswith("jaxlm: error: ") and message in err, err
+
+
+def test_bad_text_gives_one_line_errors(tmp_path, capsys):
+  (tmp_path / "bad.txt").write_bytes(b"good text\n" * 3 + b"bad \xff byte")
+  (tmp_path / "empty.txt").write_bytes(b"")
+  (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n', encoding="utf-8")
+  (tmp_path / "other.jsonl").write_text('{"body": "no text field"}\n', encoding="utf-8")
+  out = tmp_path / "s"
+  for argv, message in (
+      ([f"--input={tmp_path}/bad.txt", "--strict_utf8"], "bad.txt: invalid UTF-8 at byte 34"),
+      ([f"--input={tmp_path}/empty.txt"], "no text in"),
+      ([f"--input={tmp_path}/broken.jsonl"], "broken.jsonl:2: not valid JSON"),
+      ([f"--input={tmp_path}/other.jsonl"], "other.jsonl:1: no string field 'text'"),
+  ):
+    capsys.readouterr()
+    assert cli.main(["prepare", *argv, f"--output={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("jaxlm: error: ") and message in err, err
+    assert not out.exists()
+  capsys.readouterr()
+  assert cli.main(["prepare", f"--input={tmp_path}/bad.txt", f"--output={out}"]) == 0
+  assert "1 invalid UTF-8 sequences replaced" in capsys.readouterr().out
 
 
 def test_the_prepare_command_reports_what_it_wrote(corpus, tmp_path, capsys):

@@ -98,8 +98,8 @@ def prepare(inputs: list[str], output: str, *, tokenizer: str = "byte", text_fie
   finally:
     if pool:
       pool.terminate()
-  if progress:
-    print(file=sys.stderr)
+  if progress and sys.stdout.isatty():
+    print()
   if stats.documents == 0 or not any(len(d) > 1 for p in parts.values() for d in p):
     raise UserError(f"no text in {', '.join(inputs)}", "give files with text in them")
   split_by = "document"
@@ -160,5 +160,5 @@ def _bar(done: int, total: int, begin: float) -> None:
   seconds = time.monotonic() - begin
   rate = done / 1e6 / max(seconds, 1e-9)
   line = f"prepare [{'#' * int(share * 30):<30}] {share:6.1%}  {done / 1e6:,.1f}/{total / 1e6:,.1f} MB  {rate:,.1f} MB/s"
-  sys.stderr.write("\r" + line if sys.stderr.isatty() else line + "\n")
-  sys.stderr.flush()
+  sys.stdout.write("\r" + line if sys.stdout.isatty() else line + "\n")
+  sys.stdout.flush()
