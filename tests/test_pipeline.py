@@ -3,14 +3,12 @@
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import grain
 import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
+from processes import spawn_jaxlm
 
 from jaxlm import loop
 from jaxlm.data import pipeline, store
@@ -114,28 +112,14 @@ def test_a_store_backed_run_resumes_exactly(token_store, tmp_path):
 
 def run_processes(workdir, path, processes, devices, steps=20):
   """`jaxlm train` from the store as `processes` local JAX processes of `devices` CPU devices each."""
-  port = free_port()
-  running = []
-  for i in range(processes):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    if processes > 1:
-      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
-                 JAX_PROCESS_ID=str(i))
-    running.append(subprocess.Popen(
-        [sys.executable, "-m", "jaxlm.cli", "train", f"--config={ROOT}/tests/tiny.py", f"--workdir={workdir}",
-         f"--config.data.path={path}", "--config.mesh.data=-1", f"--config.train.steps={steps}",
-         "--config.train.eval_every=10", "--config.train.checkpoint_every=10"],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  running = spawn_jaxlm(["train", f"--config={ROOT}/tests/tiny.py", f"--workdir={workdir}",
+                         f"--config.data.path={path}", "--config.mesh.data=-1", f"--config.train.steps={steps}",
+                         "--config.train.eval_every=10", "--config.train.checkpoint_every=10"],
+                        devices=devices, processes=processes)
   for p in running:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def test_two_processes_train_like_one(token_store, tmp_path):

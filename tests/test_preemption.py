@@ -9,9 +9,6 @@ import os
 import random
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import jax
@@ -19,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT
+from processes import spawn_jaxlm
 
 from jaxlm import preemption
 
@@ -36,29 +34,15 @@ PROCESSES = {"2 processes x 2 devices": 2}
 def start(workdir, mesh, *overrides):
   """`jaxlm train` in fresh processes (several: a local JAX distributed run); returns them."""
   devices, mesh_overrides = MESHES[mesh]
-  processes = PROCESSES.get(mesh, 1)
   workdir.mkdir(parents=True, exist_ok=True)
-  port = free_port()
-  procs = []
-  for i in range(processes):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    if processes > 1:
-      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
-                 JAX_PROCESS_ID=str(i))
+
+  def outputs(i):  # files, not pipes: nobody reads them while the run goes on
     suffix = "" if i == 0 else f".{i}"
-    out = open(workdir.parent / f"{workdir.name}.out{suffix}", "a")  # noqa: SIM115 (the child holds it)
-    err = open(workdir.parent / f"{workdir.name}.err{suffix}", "a")  # noqa: SIM115
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "jaxlm.cli", "train", f"--config={ROOT}/tests/tiny.py",
-         f"--workdir={workdir}", *RUN, *mesh_overrides, *overrides], env=env, cwd=ROOT, stdout=out,
-        stderr=err))
-  return procs
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+    return (open(workdir.parent / f"{workdir.name}.out{suffix}", "a"),  # noqa: SIM115 (the child holds it)
+            open(workdir.parent / f"{workdir.name}.err{suffix}", "a"))  # noqa: SIM115
+  return spawn_jaxlm(["train", f"--config={ROOT}/tests/tiny.py", f"--workdir={workdir}", *RUN,
+                      *mesh_overrides, *overrides], devices=devices, processes=PROCESSES.get(mesh, 1),
+                     outputs=outputs)
 
 
 def output(workdir):
