@@ -105,6 +105,7 @@ def test_unknown_command(capsys):
     ("--config.optim.warmup_steps=10", "optim.warmup_steps 10 is not below train.steps 3"),
     ("--config.data.val_fraction=1.5", "data.val_fraction must be in (0, 1)"),
     ("--config.model.dropout=1.0", "model.dropout must be in [0, 1)"),
+    ("--config.data.loader_workers=-1", "data.loader_workers must be 0 or more"),
     ("--config.model.vocab_size=128", "model.vocab_size 128 is smaller than the tokenizer's 260"),
 ])
 

@@ -54,16 +54,6 @@ def save_tokenizer(tokenizer, path: str) -> None:
   os.replace(tmp, path)
 
 
-def load_tokenizer(path: str):
-  """The tokenizer a workdir or store holds in tokenizer.json."""
-  try:
-    with open(path) as f:
-      text = f.read()
-  except OSError as e:
-    raise UserError(f"cannot read tokenizer {path}: {e.strerror}", "the workdir should hold tokenizer.json") from None
-  return load_tokenizer_json(text, path)
-
-
 def load_tokenizer_json(text: str, source: str = "tokenizer.json"):
   """Our byte tokenizer ({"type": "byte"}) or a Hugging Face tokenizer.json (BPE)."""
   try:
