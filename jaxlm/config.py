@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # a UTF-8 text file or a `jaxlm prepare` store; empty: the built-in fairy tales
+  c.data.sequences = "windows"  # windows: random spans of the token stream | packed: whole documents (a store)
   c.data.loader_workers = 0  # grain worker processes reading a store (0: background threads only)
   c.data.fairytale_bytes = 4_000_000  # size of the built-in corpus
   c.data.batch_size = 12  # global, over all devices and processes
@@ -94,6 +95,7 @@ _CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
     "model.mlp": ("gelu", "swiglu"),
     "model.dtype": ("float32", "bfloat16"),
+    "data.sequences": ("windows", "packed"),
 }
 
 _POSITIVE = ("data.batch_size", "data.seq_len", "model.num_layers", "model.num_heads", "model.width",

@@ -19,7 +19,7 @@ from flax import nnx
 from jaxlm import generate
 from jaxlm.checkpoint import Checkpoints, abstract_like, load_params, resolve_checkpoint
 from jaxlm.config import resume_changes, to_json, validate
-from jaxlm.data.text import eval_batches, load_data
+from jaxlm.data.text import load_data
 from jaxlm.data.tokenizer import padded_vocab_size, save_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.metrics import MetricsLog, Progress, flops_per_token, param_count
@@ -110,7 +110,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     sharding = batch_sharding(mesh, rules)
     train, evaluate = compile_steps(setup, shardings, sharding)
     val_batches = [to_global_batch(x, sharding) for x in
-                   eval_batches(val_tokens, num_batches=c.eval_batches, **batch_kwargs)]
+                   corpus.eval_batches(num_batches=c.eval_batches, **batch_kwargs)]
     last: dict[str, float] = {}
 
     def evaluate_now(step: int) -> None:

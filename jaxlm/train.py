@@ -44,7 +44,8 @@ class Setup:
 
 def _loss_sums(setup: Setup, params: nnx.State, batch: Batch, dropout_key) -> tuple[jax.Array, dict]:
   model = nnx.merge(setup.graphdef, params)
-  logits_BxTxV = model(batch["inputs"], dropout_key=dropout_key)
+  logits_BxTxV = model(batch["inputs"], dropout_key=dropout_key, segment_ids_BxT=batch.get("segment_ids"),
+                       positions_BxT=batch.get("positions"))
   sums = causal_lm_loss_sums(logits_BxTxV, batch, setup.token_bytes)
   return sums["loss_sum"], sums
 

@@ -35,12 +35,12 @@ def batches(path, count, n, **kwargs):
 def test_processes_read_only_their_rows_and_together_make_the_global_batch(token_store, monkeypatch):
   path, count = token_store
   read = {}
-  original = pipeline._Windows.read
+  original = pipeline._Windows.batch
 
   def recording(self, numbers):
     read.setdefault(id(self), []).extend(int(n) for n in numbers)
     return original(self, numbers)
-  monkeypatch.setattr(pipeline._Windows, "read", recording)
+  monkeypatch.setattr(pipeline._Windows, "batch", recording)
   one, whole = batches(path, count, 5)
   p0, part0 = batches(path, count, 5, process_index=0, process_count=2)
   p1, part1 = batches(path, count, 5, process_index=1, process_count=2)
@@ -50,7 +50,7 @@ def test_processes_read_only_their_rows_and_together_make_the_global_batch(token
   # The global batches of window numbers (what every process computes; none of it is read).
   numbers = grain.MapDataset.range(pipeline.num_windows(count, SEQ)).shuffle(seed=3).repeat().batch(8)
   halves = [(set(numbers[b][:4].tolist()), set(numbers[b][4:].tolist())) for b in range(40)]
-  mine0, mine1 = set(read[id(p0._windows)]), set(read[id(p1._windows)])  # (prefetch reads ahead)
+  mine0, mine1 = set(read[id(p0._rows.rows)]), set(read[id(p1._rows.rows)])  # (prefetch reads ahead)
   assert mine0 <= set().union(*(h[0] for h in halves)) and mine1 <= set().union(*(h[1] for h in halves))
   assert set().union(*(h[0] for h in halves[:5])) <= mine0 and set().union(*(h[1] for h in halves[:5])) <= mine1
 

@@ -1,9 +1,12 @@
 """The grain pipeline that feeds training from a token store (store.py).
 
-The training split is cut into windows of seq_len + 1 tokens (documents inside are separated by the
-EOS each one ends with). Window numbers are shuffled by the seed, differently every epoch, and grouped
-into global batches; each process keeps its own contiguous rows of every global batch and reads only
-those windows from the store, in one batched tensorstore read. Reading runs ahead of training in
+Rows are cut from the training split in one of two ways (`data.sequences`):
+- `windows`: windows of seq_len + 1 tokens (documents inside are separated by the EOS each one ends
+  with); window numbers are shuffled by the seed, differently every epoch;
+- `packed`: whole documents, shuffled every epoch and packed end to end, with segment ids and
+  positions that keep each document to itself (packing.py).
+Row numbers are grouped into global batches; each process keeps its own contiguous rows of every
+global batch and reads only those from the store, in one batched tensorstore read. Reading runs ahead of training in
 background threads (and optionally worker processes). The iterator's state is checkpointed with the
 train state and restores exactly: the same next batches, with or without workers.
 
@@ -18,39 +21,63 @@ import grain
 import numpy as np
 
 from jaxlm.data import store
+from jaxlm.data.packing import EPOCH_LIMIT, Packer
 
 
-class _Windows:
-  """Reads windows of `length` tokens starting at window_number * stride, from the store, on demand.
+class _Split:
+  """A split's tokens in the store, read in batched ranges. Picklable: workers reopen the store lazily."""
 
-  Picklable: worker processes reopen the store lazily.
-  """
-
-  def __init__(self, path: str, split: str, length: int, stride: int):
-    self.path, self.split, self.length, self.stride = path, split, length, stride
+  def __init__(self, path: str, split: str):
+    self.path, self.split = path, split
     self._tokens = None
 
   def __getstate__(self):
     return {**self.__dict__, "_tokens": None}
 
-  def read(self, numbers: np.ndarray) -> np.ndarray:
+  def read(self, spans: list[tuple[int, int]]) -> list[np.ndarray]:
     if self._tokens is None:
       self._tokens = store.TokenStore(self.path).tokens(self.split)
-    futures = [self._tokens[int(n) * self.stride:int(n) * self.stride + self.length].read() for n in numbers]
-    return np.stack([f.result() for f in futures]).astype(np.int32)
+    futures = [self._tokens[a:b].read() for a, b in spans]
+    return [f.result() for f in futures]
+
+
+class _Windows:
+  """Row n: the next-token pairs of the window of seq_len + 1 tokens at n * seq_len."""
+
+  def __init__(self, split: _Split, seq_len: int):
+    self.split, self.seq_len = split, seq_len
+
+  def batch(self, numbers: np.ndarray) -> dict[str, np.ndarray]:
+    t = self.seq_len
+    windows = np.stack(self.split.read([(int(n) * t, int(n) * t + t + 1) for n in numbers])).astype(np.int32)
+    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+class _Packed:
+  """Row n: packed row n of the shuffled documents (packing.py)."""
+
+  def __init__(self, split: _Split, packer: Packer):
+    self.split, self.packer = split, packer
+
+  def batch(self, numbers: np.ndarray) -> dict[str, np.ndarray]:
+    pieces = [self.packer.pieces(n) for n in numbers]
+    spans = [span for p in pieces for span in self.packer.spans(p)]
+    tokens, rows, at = self.split.read(spans), [], 0
+    for p in pieces:
+      rows.append(self.packer.row(p, tokens[at:at + len(p)]))
+      at += len(p)
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 class _LocalRows:
-  """Global batch of window numbers -> this process's rows as a training batch (inputs, targets)."""
+  """Global batch of row numbers -> this process's rows as a training batch."""
 
-  def __init__(self, windows: _Windows, process_index: int, process_count: int):
-    self.windows, self.process_index, self.process_count = windows, process_index, process_count
+  def __init__(self, rows, process_index: int, process_count: int):
+    self.rows, self.process_index, self.process_count = rows, process_index, process_count
 
   def __call__(self, numbers: np.ndarray) -> dict[str, np.ndarray]:
-    rows = len(numbers) // self.process_count
-    mine = numbers[self.process_index * rows:(self.process_index + 1) * rows]
-    windows = self.windows.read(mine)
-    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+    count = len(numbers) // self.process_count
+    return self.rows.batch(numbers[self.process_index * count:(self.process_index + 1) * count])
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
@@ -68,17 +95,24 @@ class StoreBatches:
 
   def __init__(self, path: str, num_tokens: int, *, seq_len: int, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1, workers: int = 0, threads: int = 2,
-               prefetch: int = 4, step: int = 0):
-    self._windows = _Windows(path, "train", seq_len + 1, seq_len)
-    self._count = num_windows(num_tokens, seq_len)
-    self._rows = _LocalRows(self._windows, process_index, process_count)
+               prefetch: int = 4, step: int = 0, packer: Packer | None = None):
+    split = _Split(path, "train")
+    self._packed = packer is not None
+    if self._packed:
+      self._count, rows = packer.rows_per_epoch, _Packed(split, packer)
+    else:
+      self._count, rows = num_windows(num_tokens, seq_len), _Windows(split, seq_len)
+    self._rows = _LocalRows(rows, process_index, process_count)
     self._batch_size, self._seed, self._workers = batch_size, seed, workers
     self._threads, self._prefetch = threads, prefetch
     self._open(step)
 
   def _open(self, start: int) -> None:
-    ds = (grain.MapDataset.range(self._count).shuffle(seed=self._seed).repeat()
-          .batch(self._batch_size, drop_remainder=True))
+    if self._packed:  # (the packer shuffles documents; rows are numbered over all epochs)
+      ds = grain.MapDataset.range(self._count * EPOCH_LIMIT)
+    else:
+      ds = grain.MapDataset.range(self._count).shuffle(seed=self._seed).repeat()
+    ds = ds.batch(self._batch_size, drop_remainder=True)
     ds = ds[start:].map(self._rows)
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
                                                    prefetch_buffer_size=self._prefetch))
@@ -106,10 +140,14 @@ class StoreBatches:
       self._open(step)
 
   def get_state(self) -> bytes:
-    return json.dumps({"start": self._start, "step": self.step, "grain": self._iterator.get_state()}).encode()
+    return json.dumps({"start": self._start, "step": self.step, "workers": self._workers,
+                       "grain": self._iterator.get_state()}).encode()
 
   def set_state(self, state: bytes) -> None:
     saved = json.loads(state)
+    if saved.get("workers", 0) != self._workers:  # grain's state differs with workers; seeking is exact
+      self._open(saved["step"])
+      return
     self._open(saved["start"])
     self._iterator.set_state(saved["grain"])
     self._consumed = saved["step"] - saved["start"]

@@ -108,6 +108,16 @@ class TokenStore:
     """The split's token array as a tensorstore handle (index it, then .read().result())."""
     return self._open(split, "tokens")
 
+  def offsets(self, split: str) -> np.ndarray:
+    """Where each document of the split starts (documents + 1 entries), checked against meta.json."""
+    offsets = self._open(split, "offsets").read().result()
+    want = self.meta["splits"][split]
+    if len(offsets) != want["documents"] + 1 or offsets[-1] != want["tokens"]:
+      raise UserError(f"{self.path}: {split}/offsets has {len(offsets) - 1} documents ending at token "
+                      f"{offsets[-1] if len(offsets) else 0}, meta.json says {want['documents']} and "
+                      f"{want['tokens']}", "the store is damaged; prepare it again with --overwrite")
+    return offsets
+
   def read(self, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, offsets) of a split in memory, checked against meta.json's counts and checksum."""
     tokens = self._open(split, "tokens").read().result()

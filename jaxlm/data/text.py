@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from jaxlm.data.fairytales import generate_fairy_tales
+from jaxlm.data.packing import Packer
 from jaxlm.data.store import TokenStore, is_store
 from jaxlm.data.tokenizer import ByteTokenizer, load_tokenizer_json
 from jaxlm.errors import UserError
@@ -43,14 +44,29 @@ class Corpus:
   train_tokens: np.ndarray | None = None  # a text file or the fairy tales
   store: str | None = None  # a prepared token store
   train_count: int = 0  # tokens in the training split
+  packed: bool = False  # rows of packed documents (a store), not windows
+  train_offsets: np.ndarray | None = None  # where each document starts (a store)
+  val_offsets: np.ndarray | None = None
 
   def train_batches(self, *, workers: int = 0, **batch_kwargs):
     """This process's training batches (a checkpointable iterator) from step 0."""
     if self.store is not None:
       from jaxlm.data.pipeline import StoreBatches
 
-      return StoreBatches(self.store, self.train_count, workers=workers, **batch_kwargs)
+      packer = (Packer(self.train_offsets, batch_kwargs["seq_len"], batch_kwargs["seed"], self.tokenizer.EOS)
+                if self.packed else None)
+      return StoreBatches(self.store, self.train_count, workers=workers, packer=packer, **batch_kwargs)
     return TrainBatches(self.train_tokens, **batch_kwargs)
+
+  def eval_batches(self, *, num_batches: int, seq_len: int, batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """A fixed set of validation batches (this process's rows), the same at every evaluation."""
+    if not self.packed:
+      return eval_batches(self.val_tokens, num_batches=num_batches, seq_len=seq_len, batch_size=batch_size,
+                          seed=seed, process_index=process_index, process_count=process_count)
+    packer = Packer(self.val_offsets, seq_len, seed, self.tokenizer.EOS, stream=_VAL_STREAM)
+    return [_process_rows(packer.rows_from_array(range(i * batch_size, (i + 1) * batch_size), self.val_tokens),
+                          process_index, process_count) for i in range(num_batches)]
 
 
 def load_data(data_config) -> Corpus:
@@ -60,14 +76,21 @@ def load_data(data_config) -> Corpus:
   training split is read through the grain pipeline (pipeline.py); a text file, or the built-in fairy
   tales when the path is empty, is byte-tokenized and its last `val_fraction` is validation.
   """
-  path = data_config.path
+  path, packed = data_config.path, data_config.sequences == "packed"
   if path and is_store(path):
     token_store = TokenStore(path)
     tokenizer = load_tokenizer_json(token_store.tokenizer_json, f"{path}/tokenizer.json")
-    val, _ = token_store.read("validation")
+    val, val_offsets = token_store.read("validation")
     count = token_store.meta["splits"]["train"]["tokens"]
     _check_lengths(count, len(val), data_config.seq_len, path)
-    return Corpus(tokenizer, val, path, store=path, train_count=count)
+    train_offsets = token_store.offsets("train") if packed else None
+    return Corpus(tokenizer, val, path, store=path, train_count=count, packed=packed,
+                  train_offsets=train_offsets, val_offsets=val_offsets)
+  if packed:
+    raise UserError(f"data.sequences=packed packs the documents of a prepared token store; "
+                    f"{path or 'the built-in corpus'} is plain text",
+                    "run `jaxlm prepare --input=FILES --output=DIR` and train with --config.data.path=DIR, "
+                    "or use --config.data.sequences=windows")
   tokenizer = ByteTokenizer()
   train, val, source = load_corpus(data_config, tokenizer)
   return Corpus(tokenizer, val, source, train_tokens=train, train_count=len(train))

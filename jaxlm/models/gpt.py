@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.models.layers import Block, Norm, dropout, matmul, param
+from jaxlm.models.layers import Block, Norm, attention_mask, dropout, matmul, param
 from jaxlm.parallel import constrain
 
 INIT_STD = 0.02  # GPT-2's init
@@ -58,16 +58,27 @@ class GPT(nnx.Module):
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs.params(), (cfg.width, cfg.vocab_size), INIT_STD, ("embed", "vocab")))
 
-  def __call__(self, tokens_BxT: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-    """Logits (float32) for every position; position t sees tokens 0..t only."""
+  def __call__(self, tokens_BxT: jax.Array, dropout_key: jax.Array | None = None, *,
+               segment_ids_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None
+               ) -> jax.Array:
+    """Logits (float32) for every position; position t sees tokens 0..t only.
+
+    A packed row holds several documents: `segment_ids_BxT` numbers them (a position sees only its
+    own document) and `positions_BxT` counts from 0 in each, so a document gives the same logits
+    packed as alone.
+    """
+    t = tokens_BxT.shape[1]
+    if positions_BxT is None:
+      positions_BxT = jnp.arange(t, dtype=jnp.int32)[None]
+    mask_Bx1xTxT = attention_mask(t, segment_ids_BxT)
     x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
     if self.pos_embed is not None:
-      x_BxTxD = x_BxTxD + self.pos_embed[...][: tokens_BxT.shape[1]][None]
+      x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], positions_BxT, axis=0)
     keys = (jax.random.split(dropout_key, self.cfg.num_layers + 1) if dropout_key is not None
             else [None] * (self.cfg.num_layers + 1))
     x_BxTxD = constrain(dropout(x_BxTxD, self.cfg.dropout, keys[-1]), ("batch", "seq", "act_embed"))
     for block, key in zip(self.blocks, keys[:-1]):
-      x_BxTxD = block(x_BxTxD, key)
+      x_BxTxD = block(x_BxTxD, key, mask_Bx1xTxT, positions_BxT)
     x_BxTxD = self.final_norm(x_BxTxD)
     if self.lm_head is None:
       logits_BxTxV = matmul("btd,vd->btv", x_BxTxD, self.embed[...], self.cfg.dtype)

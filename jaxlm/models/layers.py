@@ -87,18 +87,30 @@ class Norm(nnx.Module):
     return x + self.bias[...] if self.bias is not None else x
 
 
-def rope(x_BxHxTxK: jax.Array, base: float) -> jax.Array:
+def rope(x_BxHxTxK: jax.Array, base: float, positions_BxT: jax.Array) -> jax.Array:
   """Rotary position embedding: rotates feature pairs (i, i + K/2) by position-dependent angles."""
-  t, k = x_BxHxTxK.shape[2], x_BxHxTxK.shape[3]
+  k = x_BxHxTxK.shape[3]
   inv_freq_K2 = base ** (-jnp.arange(0, k, 2, dtype=F32) / k)
-  angle_TxK2 = jnp.arange(t, dtype=F32)[:, None] * inv_freq_K2[None, :]
-  sin_TxK2, cos_TxK2 = jnp.sin(angle_TxK2), jnp.cos(angle_TxK2)
+  angle_Bx1xTxK2 = positions_BxT.astype(F32)[:, None, :, None] * inv_freq_K2
+  sin, cos = jnp.sin(angle_Bx1xTxK2), jnp.cos(angle_Bx1xTxK2)
   x1, x2 = jnp.split(x_BxHxTxK, 2, axis=-1)
-  return jnp.concatenate([x1 * cos_TxK2 - x2 * sin_TxK2, x2 * cos_TxK2 + x1 * sin_TxK2], axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_mask(t: int, segment_ids_BxT: jax.Array | None) -> jax.Array:
+  """Which keys each query sees: earlier positions (causal), of the same document when packed.
+
+  (1, 1, T, T), or (B, 1, T, T) with segment ids (one id per document in a packed row).
+  """
+  causal_1x1xTxT = jnp.tril(jnp.ones((t, t), bool))[None, None]
+  if segment_ids_BxT is None:
+    return causal_1x1xTxT
+  same_Bx1xTxT = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+  return causal_1x1xTxT & same_Bx1xTxT
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with fused QKV; softmax in float32."""
+  """Multi-head self-attention with fused QKV under a given mask (causal, per document); softmax in float32."""
 
   def __init__(self, cfg, init_std: float, out_std: float, rngs: nnx.Rngs):
     d, h = cfg.width, cfg.num_heads
@@ -109,7 +121,7 @@ class Attention(nnx.Module):
     self.qkv_bias = param(None, (3, h, d // h), 0, (None, "heads", "kv")) if cfg.use_bias else None
     self.out_bias = param(None, (d,), 0, ("embed",)) if cfg.use_bias else None
 
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, mask_Bx1xTxT: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     # Heads-major (3, B, H, T, K) keeps every attention product a plain batched matmul over (B, H),
     # which XLA CPU runs in bf16 (it has no bf16 kernel for some other layouts of the same products).
     qkv_3xBxHxTxK = matmul("btd,dchk->cbhtk", x_BxTxD, self.qkv[...], self.dtype)
@@ -118,12 +130,11 @@ class Attention(nnx.Module):
     qkv_3xBxHxTxK = constrain(qkv_3xBxHxTxK, (None, "batch", "heads", "seq", None))
     q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = qkv_3xBxHxTxK[0], qkv_3xBxHxTxK[1], qkv_3xBxHxTxK[2]
     if self.position == "rope":
-      q_BxHxTxK, k_BxHxTxK = rope(q_BxHxTxK, self.rope_base), rope(k_BxHxTxK, self.rope_base)
+      q_BxHxTxK = rope(q_BxHxTxK, self.rope_base, positions_BxT)
+      k_BxHxTxK = rope(k_BxHxTxK, self.rope_base, positions_BxT)
     q_BxHxTxK = q_BxHxTxK / math.sqrt(self.head_dim)
     scores_BxHxTxT = matmul("bhqk,bhsk->bhqs", q_BxHxTxK, k_BxHxTxK, self.dtype)
-    t = x_BxTxD.shape[1]
-    causal_TxT = jnp.tril(jnp.ones((t, t), bool))
-    scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, jnp.finfo(F32).min)
+    scores_BxHxTxT = jnp.where(mask_Bx1xTxT, scores_BxHxTxT, jnp.finfo(F32).min)
     probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1)
     y_BxHxTxK = matmul("bhqs,bhsk->bhqk", probs_BxHxTxT, v_BxHxTxK, self.dtype)
     y_BxTxD = matmul("bhtk,hkd->btd", y_BxHxTxK, self.out[...], self.dtype)
@@ -165,9 +176,11 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg.width, cfg.norm)
     self.mlp = MLP(cfg, init_std, out_std, rngs)
 
-  def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None, mask_Bx1xTxT: jax.Array,
+               positions_BxT: jax.Array) -> jax.Array:
     keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-    x_BxTxD = x_BxTxD + dropout(self.attn(self.attn_norm(x_BxTxD)), self.dropout_rate, keys[0])
+    attn_BxTxD = self.attn(self.attn_norm(x_BxTxD), mask_Bx1xTxT, positions_BxT)
+    x_BxTxD = x_BxTxD + dropout(attn_BxTxD, self.dropout_rate, keys[0])
     x_BxTxD = constrain(x_BxTxD, ("batch", "seq", "act_embed"))
     x_BxTxD = x_BxTxD + dropout(self.mlp(self.mlp_norm(x_BxTxD)), self.dropout_rate, keys[1])
     return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
