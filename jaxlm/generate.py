@@ -1,42 +1,228 @@
-"""Sampling text from a model: temperature and top-k, compiled once as a loop over positions.
+"""Sampling text from a model: a prefill of the prompts, then KV-cache decoding in a compiled loop.
 
-This version recomputes the visible window at every position (no KV cache yet); it is for the short
-sample printed at the end of training.
+A batch of prompts of different lengths is right-padded to one shape. The prefill runs the model over
+all of them at once, filling a static-shaped KV cache, and samples each row's first new token from
+the logits at its own last prompt position. Decoding then feeds one token per row per step at the
+row's own position (`lax.while_loop`, compiled once per shape): the cache is written there, and the
+query attends to every cached position up to it, so padding is never seen and is overwritten as the
+row grows. A row stops at EOS or after `max_new_tokens`; the loop stops when all rows have.
+
+Sampling: temperature (0 is greedy), then top-k, then top-p (the smallest set of most likely tokens
+whose probability reaches p). The random key of row r's j-th token is fold_in(fold_in(seed, sample
+id r), j): the same seed gives the same text, in a batch or one prompt at a time, and however the
+decoding is split into chunks for streaming.
+
+With a mesh, the parameters keep their sharding (FSDP, tensor parallel); the batch is replicated.
 """
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.sharding import NamedSharding, PartitionSpec
 
-def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt: np.ndarray, num_new: int, *,
-           context: int, key: jax.Array, temperature: float = 1.0, top_k: int = 0,
-           vocab_limit: int | None = None) -> np.ndarray:
-  """prompt (P,) ids -> (P + num_new,) ids. temperature 0 is greedy; ids >= vocab_limit never appear."""
-  prompt = jnp.asarray(prompt, jnp.int32)
-  total = len(prompt) + num_new
-  window = min(context, total)
+from jaxlm.config import DEFAULT_RULES
+from jaxlm.errors import UserError
+from jaxlm.models.gpt import ModelConfig, init_cache
+from jaxlm.parallel import constrain
 
-  @jax.jit
-  def run(params, key):
-    model = nnx.merge(graphdef, params)
-    tokens = jnp.zeros((total,), jnp.int32).at[: len(prompt)].set(prompt)
+NEG = jnp.finfo(jnp.float32).min
 
-    def fill(i, carry):
-      tokens, key = carry
-      pos = len(prompt) + i
-      start = jnp.clip(pos - window, 0, total - window)
-      logits_V = model(jax.lax.dynamic_slice(tokens, (start,), (window,))[None])[0, pos - 1 - start]
-      if vocab_limit is not None:
-        logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < vocab_limit, logits_V, -jnp.inf)
-      if top_k:
-        logits_V = jnp.where(logits_V >= jax.lax.top_k(logits_V, top_k)[0][-1], logits_V, -jnp.inf)
-      key, sub = jax.random.split(key)
-      token = (jnp.argmax(logits_V) if temperature == 0 else
-               jax.random.categorical(sub, logits_V / temperature))
-      return tokens.at[pos].set(token), key
 
-    return jax.lax.fori_loop(0, num_new, fill, (tokens, key))[0]
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is drawn from the logits."""
 
-  return np.asarray(jax.device_get(run(params, key)))
+  temperature: float = 1.0  # 0: greedy (argmax)
+  top_k: int = 0  # 0: no limit
+  top_p: float = 1.0  # 1: no limit
+
+  def check(self) -> "Sampling":
+    if not self.temperature >= 0:
+      raise UserError(f"temperature must be 0 or more, got {self.temperature}",
+                      "use --temperature=0 for greedy decoding, 1 for the model's own distribution")
+    if not 0.0 < self.top_p <= 1.0:
+      raise UserError(f"top_p must be in (0, 1], got {self.top_p}", "e.g. --top_p=0.9; 1 turns it off")
+    if self.top_k < 0:
+      raise UserError(f"top_k must be 0 or more, got {self.top_k}", "e.g. --top_k=40; 0 turns it off")
+    return self
+
+
+def filter_logits(logits_BxV: jax.Array, temperature, top_k, top_p) -> jax.Array:
+  """Scaled logits with everything outside the top-k and the top-p nucleus set to a huge negative.
+
+  temperature, top_k and top_p are traced scalars, so one compiled program serves every setting.
+  """
+  v = logits_BxV.shape[-1]
+  scaled_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
+  sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)  # descending
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+  in_top_k_V = jnp.arange(v) < k
+  probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, NEG), axis=-1)
+  before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # probability of the more likely tokens
+  keep_BxV = in_top_k_V & (before_BxV < top_p)  # (the most likely token always stays)
+  last_B = jnp.sum(keep_BxV, axis=-1) - 1
+  threshold_Bx1 = jnp.take_along_axis(sorted_BxV, last_B[:, None], axis=-1)
+  return jnp.where(scaled_BxV >= threshold_Bx1, scaled_BxV, NEG)
+
+
+def choose(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_k, top_p) -> jax.Array:
+  """The next token of each row: greedy at temperature 0, else sampled from the filtered logits."""
+  filtered_BxV = filter_logits(logits_BxV, temperature, top_k, top_p)
+  sampled_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV)
+  return jnp.where(temperature == 0, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+class Generator:
+  """Generates from one set of parameters; compiled programs are kept per shape and reused.
+
+  `vocab_limit`: ids at or above it (the padding of the model's vocabulary) are never produced.
+  `mesh` and `rules`: where sharded parameters live and their logical-axis rules (config.mesh.rules).
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, model_config: ModelConfig, *,
+               eos_id: int, vocab_limit: int | None = None, mesh=None, rules=DEFAULT_RULES):
+    self.graphdef, self.params, self.cfg = graphdef, params, model_config
+    self.eos_id, self.vocab_limit, self.mesh = eos_id, vocab_limit, mesh
+    # Parameters keep their rules; the (small) batch of a generation is replicated over the mesh.
+    self.rules = tuple((name, None if name == "batch" else axes) for name, axes in rules)
+    self._compiled = {}
+
+  def room(self, prompt_length: int) -> int:
+    """How many new tokens fit after a prompt of this length (the model's positions)."""
+    return self.cfg.max_seq_len - prompt_length
+
+  def check(self, prompts: Sequence[np.ndarray], max_new_tokens: int) -> None:
+    longest = max(len(p) for p in prompts)
+    if any(len(p) == 0 for p in prompts):
+      raise UserError("a prompt is empty", "give at least one character of prompt (e.g. a newline)")
+    if longest >= self.cfg.max_seq_len:
+      raise UserError(f"the prompt is {longest} tokens, but the model has {self.cfg.max_seq_len} positions",
+                      "shorten the prompt")
+    if max_new_tokens < 1 or longest + max_new_tokens > self.cfg.max_seq_len:
+      raise UserError(f"max_new_tokens={max_new_tokens} with a prompt of {longest} tokens does not fit the "
+                      f"model's {self.cfg.max_seq_len} positions",
+                      f"ask for 1 to {self.room(longest)} new tokens")
+
+  def generate(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
+               sampling: Sampling = Sampling(), seed: int = 0, sample_ids: Sequence[int] | None = None,
+               on_tokens: Callable[[list[np.ndarray]], None] | None = None, chunk: int = 0
+               ) -> list[np.ndarray]:
+    """Each prompt's new tokens (ending at, and without, EOS).
+
+    `on_tokens(new)`: called with each row's tokens so far, after the prefill and after every `chunk`
+    decoding steps (0: once, at the end), so a caller can stream text as it is decoded.
+    `sample_ids` (default 0..B-1) pick each row's random stream.
+    """
+    sampling.check()
+    self.check(prompts, max_new_tokens)
+    b = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = min(_round_up(int(lengths.max()) + max_new_tokens, 64), self.cfg.max_seq_len)
+    padded = min(_round_up(int(lengths.max()), 16), width)
+    tokens = np.zeros((b, padded), np.int32)
+    for row, p in enumerate(prompts):
+      tokens[row, :len(p)] = p
+    ids = np.arange(b) if sample_ids is None else np.asarray(sample_ids)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.asarray(ids, jnp.uint32))
+    settings = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+    prefill, decode = self._programs(b, padded, width)
+    with self._context():
+      state = prefill(self.params, self._put(tokens), self._put(lengths), self._put(keys),
+                      jnp.int32(max_new_tokens), *settings)
+      while True:
+        if on_tokens is not None:
+          on_tokens(self._new_tokens(state, lengths))
+        if int(state["n"]) >= max_new_tokens or bool(np.all(self._fetch(state["done"]))):
+          break
+        stop_at = max_new_tokens if chunk <= 0 else int(state["n"]) + chunk
+        state = decode(self.params, state, jnp.int32(stop_at), jnp.int32(max_new_tokens), *settings)
+    return self._new_tokens(state, lengths)
+
+  def _put(self, x) -> jax.Array:
+    """A host array as a replicated global array (what every process passes in a multi-process run)."""
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.make_array_from_process_local_data(NamedSharding(self.mesh, PartitionSpec()), np.asarray(x))
+
+  def _fetch(self, x: jax.Array) -> np.ndarray:
+    return np.asarray(x.addressable_data(0))  # replicated: every process has all of it
+
+  def _new_tokens(self, state, lengths) -> list[np.ndarray]:
+    out, last, done = self._fetch(state["out"]), self._fetch(state["pos"]), self._fetch(state["done"])
+    rows = []
+    for row, start in enumerate(lengths):
+      new = out[row, start:last[row] + 1]
+      rows.append(new[:-1] if len(new) and done[row] and new[-1] == self.eos_id else new)
+    return rows
+
+  def _context(self) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    if self.mesh is not None:
+      stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nnx.logical_axis_rules(self.rules))
+    return stack
+
+  def _programs(self, b: int, padded: int, width: int):
+    if (b, padded, width) not in self._compiled:
+      self._compiled[(b, padded, width)] = self._compile(b, padded, width)
+    return self._compiled[(b, padded, width)]
+
+  def _compile(self, b: int, padded: int, width: int):
+    graphdef, cfg, eos = self.graphdef, self.cfg, self.eos_id
+    limit = self.vocab_limit
+
+    def logits_for(model, tokens_BxT, positions_BxT, cache):
+      logits_BxTxV, cache = model(tokens_BxT, positions_BxT=positions_BxT, kv_cache=cache)
+      if limit is not None:
+        logits_BxTxV = jnp.where(jnp.arange(logits_BxTxV.shape[-1]) < limit, logits_BxTxV, NEG)
+      return logits_BxTxV, cache
+
+    def prefill(params, tokens_BxP, lengths_B, keys_B, max_new, temperature, top_k, top_p):
+      model = nnx.merge(graphdef, params)
+      positions_BxP = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (b, padded))
+      logits_BxPxV, cache = logits_for(model, tokens_BxP, positions_BxP, init_cache(cfg, b, width))
+      last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+      step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys_B, 0)
+      first_B = choose(last_BxV, step_keys, temperature, top_k, top_p)
+      out_BxW = jnp.zeros((b, width), jnp.int32).at[:, :padded].set(tokens_BxP)
+      out_BxW = out_BxW.at[jnp.arange(b), lengths_B].set(first_B)
+      done_B = (first_B == eos) | (max_new <= 1)
+      return _replicated({"out": out_BxW, "pos": lengths_B, "done": done_B, "n": jnp.int32(1),
+                          "keys": keys_B, "cache": cache})
+
+    def decode(params, state, stop_at, max_new, temperature, top_k, top_p):
+      model = nnx.merge(graphdef, params)
+      rows = jnp.arange(b)
+
+      def running(s):
+        return (s["n"] < stop_at) & (s["n"] < max_new) & ~jnp.all(s["done"])
+
+      def step(s):
+        token_B = s["out"][rows, s["pos"]]
+        logits_Bx1xV, cache = logits_for(model, token_B[:, None], s["pos"][:, None], s["cache"])
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(s["keys"], s["n"])
+        new_B = choose(logits_Bx1xV[:, 0], step_keys, temperature, top_k, top_p)
+        pos_B = jnp.where(s["done"], s["pos"], s["pos"] + 1)
+        out = jnp.where(s["done"][:, None], s["out"], s["out"].at[rows, pos_B].set(new_B))
+        done_B = s["done"] | (new_B == eos) | (s["n"] + 1 >= max_new)
+        return {**s, "out": out, "pos": pos_B, "done": done_B, "n": s["n"] + 1, "cache": cache}
+
+      return _replicated(jax.lax.while_loop(running, step, state))
+
+    return jax.jit(prefill), jax.jit(decode, donate_argnums=1)
+
+
+def _replicated(state: dict) -> dict:
+  """Pins what the host reads (tokens, positions, flags) to every device; the cache stays as it is."""
+  pin = ("out", "pos", "done", "n")
+  return {k: constrain(v, (None,) * v.ndim) if k in pin else v for k, v in state.items()}

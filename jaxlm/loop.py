@@ -183,10 +183,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
       progress.message(f"stopped by {by} after step {last['stopped_at']}; checkpoint "
                        f"saved; run the same command again to resume")
       return last
-    if c.sample_tokens and jax.process_count() == 1:  # (sampling sharded parameters: issue 5)
-      prompt = tokenizer.encode(c.sample_prompt)
-      ids = generate.sample(setup.graphdef, state.params, prompt, c.sample_tokens, context=t,
-                            key=jax.random.PRNGKey(config.seed), temperature=0.8,
-                            vocab_limit=tokenizer.vocab_size)
-      progress.message("sample:\n" + tokenizer.decode(ids))
+    if c.sample_tokens:
+      progress.message("sample:\n" + end_sample(config, tokenizer, setup, state.params, model_config, mesh))
+  return last
+
+
+def end_sample(config, tokenizer, setup, params, model_config, mesh) -> str:
+  """The prompt and up to train.sample_tokens of continuation (as many as fit the model's positions)."""
+  prompt = tokenizer.encode(config.train.sample_prompt).astype(np.int32)
+  generator = generate.Generator(setup.graphdef, params, model_config, eos_id=tokenizer.EOS,
+                                 vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=tuple(config.mesh.rules))
+  room = generator.room(len(prompt))
+  if room < 1 or len(prompt) == 0:
+    return f"(no room after a prompt of {len(prompt)} tokens in {model_config.max_seq_len} positions)"
+  new = generator.generate([prompt], max_new_tokens=min(config.train.sample_tokens, room),
+                           sampling=generate.Sampling(temperature=0.8), seed=config.seed)[0]
+  return config.train.sample_prompt + tokenizer.decode(new)
   return last

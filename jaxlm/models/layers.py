@@ -121,7 +121,13 @@ class Attention(nnx.Module):
     self.qkv_bias = param(None, (3, h, d // h), 0, (None, "heads", "kv")) if cfg.use_bias else None
     self.out_bias = param(None, (d,), 0, ("embed",)) if cfg.use_bias else None
 
-  def __call__(self, x_BxTxD: jax.Array, mask_Bx1xTxT: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, mask_Bx1xTxS: jax.Array, positions_BxT: jax.Array,
+               cache: tuple[jax.Array, jax.Array] | None = None):
+    """-> (output, updated cache). Without a cache, keys are the T positions themselves (S = T).
+
+    With a KV cache (keys, values), each (B, H, S, K), this call's keys and values are written at its
+    positions (contiguous in each row, from positions_BxT[:, 0]) and the queries attend over the cache.
+    """
     # Heads-major (3, B, H, T, K) keeps every attention product a plain batched matmul over (B, H),
     # which XLA CPU runs in bf16 (it has no bf16 kernel for some other layouts of the same products).
     qkv_3xBxHxTxK = matmul("btd,dchk->cbhtk", x_BxTxD, self.qkv[...], self.dtype)
@@ -132,13 +138,25 @@ class Attention(nnx.Module):
     if self.position == "rope":
       q_BxHxTxK = rope(q_BxHxTxK, self.rope_base, positions_BxT)
       k_BxHxTxK = rope(k_BxHxTxK, self.rope_base, positions_BxT)
+    if cache is not None:
+      starts_B = positions_BxT[:, 0]
+      cache = (_write_rows(cache[0], k_BxHxTxK, starts_B), _write_rows(cache[1], v_BxHxTxK, starts_B))
+      k_BxHxSxK, v_BxHxSxK = cache
+    else:
+      k_BxHxSxK, v_BxHxSxK = k_BxHxTxK, v_BxHxTxK
     q_BxHxTxK = q_BxHxTxK / math.sqrt(self.head_dim)
-    scores_BxHxTxT = matmul("bhqk,bhsk->bhqs", q_BxHxTxK, k_BxHxTxK, self.dtype)
-    scores_BxHxTxT = jnp.where(mask_Bx1xTxT, scores_BxHxTxT, jnp.finfo(F32).min)
-    probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1)
-    y_BxHxTxK = matmul("bhqs,bhsk->bhqk", probs_BxHxTxT, v_BxHxTxK, self.dtype)
+    scores_BxHxTxS = matmul("bhqk,bhsk->bhqs", q_BxHxTxK, k_BxHxSxK, self.dtype)
+    scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, jnp.finfo(F32).min)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+    y_BxHxTxK = matmul("bhqs,bhsk->bhqk", probs_BxHxTxS, v_BxHxSxK, self.dtype)
     y_BxTxD = matmul("bhtk,hkd->btd", y_BxHxTxK, self.out[...], self.dtype)
-    return y_BxTxD + self.out_bias[...] if self.out_bias is not None else y_BxTxD
+    return (y_BxTxD + self.out_bias[...] if self.out_bias is not None else y_BxTxD), cache
+
+
+def _write_rows(cache_BxHxSxK: jax.Array, new_BxHxTxK: jax.Array, starts_B: jax.Array) -> jax.Array:
+  """Writes each row's T new entries into its cache at positions start..start+T-1."""
+  write = lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (0, p, 0))
+  return jax.vmap(write)(cache_BxHxSxK, new_BxHxTxK, starts_B)
 
 
 class MLP(nnx.Module):
@@ -176,11 +194,12 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg.width, cfg.norm)
     self.mlp = MLP(cfg, init_std, out_std, rngs)
 
-  def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None, mask_Bx1xTxT: jax.Array,
-               positions_BxT: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None, mask_Bx1xTxS: jax.Array,
+               positions_BxT: jax.Array, cache=None):
+    """-> (output, updated KV cache or None)."""
     keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-    attn_BxTxD = self.attn(self.attn_norm(x_BxTxD), mask_Bx1xTxT, positions_BxT)
+    attn_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), mask_Bx1xTxS, positions_BxT, cache)
     x_BxTxD = x_BxTxD + dropout(attn_BxTxD, self.dropout_rate, keys[0])
     x_BxTxD = constrain(x_BxTxD, ("batch", "seq", "act_embed"))
     x_BxTxD = x_BxTxD + dropout(self.mlp(self.mlp_norm(x_BxTxD)), self.dropout_rate, keys[1])
-    return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
+    return constrain(x_BxTxD, ("batch", "seq", "act_embed")), cache
