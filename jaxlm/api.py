@@ -2,12 +2,13 @@
 
     import jaxlm
     config = jaxlm.load_config("configs/default.py")
-    run = jaxlm.train(config, "/tmp/run")        # or: run = jaxlm.load("/tmp/run")
+    run = jaxlm.fit(config, "/tmp/run")          # or: run = jaxlm.load("/tmp/run")
     run.plot()                                   # training and validation loss
     print(run.generate("Once upon a time", max_new_tokens=100))
     run.evaluate()                               # {'loss': ..., 'perplexity': ..., 'bits_per_byte': ...}
 
-`jaxlm sample` and `jaxlm eval` are this API behind flags.
+`jaxlm sample` and `jaxlm eval` are this API behind flags. (`fit`, not `train`: jaxlm.train is the module
+of the pure train_step.)
 """
 
 import importlib.util
@@ -43,7 +44,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> "Run":
+def fit(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> "Run":
   """Trains (or resumes) `config` in `workdir`, as `jaxlm train` does, and loads the result."""
   from jaxlm import loop
 
