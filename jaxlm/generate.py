@@ -65,7 +65,8 @@ def filter_logits(logits_BxV: jax.Array, temperature, top_k, top_p) -> jax.Array
   in_top_k_V = jnp.arange(v) < k
   probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, NEG), axis=-1)
   before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # probability of the more likely tokens
-  keep_BxV = in_top_k_V & (before_BxV < top_p)  # (the most likely token always stays)
+  # (The most likely token always stays; top_p = 1 keeps all, even where float sums reach 1 early.)
+  keep_BxV = in_top_k_V & ((before_BxV < top_p) | (top_p >= 1.0))
   last_B = jnp.sum(keep_BxV, axis=-1) - 1
   threshold_Bx1 = jnp.take_along_axis(sorted_BxV, last_B[:, None], axis=-1)
   return jnp.where(scaled_BxV >= threshold_Bx1, scaled_BxV, NEG)
