@@ -1,13 +1,18 @@
 """`jaxlm prepare`: text files, folders and JSONL (optionally .gz) -> a token store (store.py).
 
-Files are tokenized in parallel worker processes, in order; each document ends with EOS. Documents go
-to validation with probability `val_fraction`, decided by (seed, document number), so the split does
-not depend on the number of workers. A corpus with too few documents for that (e.g. one text file) is
-split by tokens instead: the last `val_fraction` of its tokens. A local store is built in a temporary
-folder and renamed into place; on a URL, meta.json is written last. Either way, a killed prepare leaves
-nothing that training accepts.
+The corpus streams through in bounded memory, whatever its size: this process reads the documents in
+order and groups them into units of ~8 MB of text; worker processes tokenize the units (at most two each
+in flight), and the tokens are appended to the store's arrays in document order as units come back. Each
+document ends with EOS. Documents go to validation with probability `val_fraction`, decided by (seed,
+document number), so the store does not depend on units or workers. A corpus with too few documents for
+that (e.g. one text file) is split by tokens instead: the last `val_fraction` of its tokens. A local store
+is built in a temporary folder and renamed into place (a later prepare removes the folder of a killed
+one); on a URL, meta.json is removed first and written last. Either way, a killed prepare leaves nothing
+that training accepts.
 """
 
+import collections
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -22,6 +27,7 @@ from jaxlm.data.tokenizer import ByteTokenizer, load_tokenizer_json
 from jaxlm.errors import UserError
 
 BPE_SAMPLE_BYTES = 200_000_000  # BPE trains on at most this much text (the first documents)
+UNIT_BYTES = 8_000_000  # characters of text per work unit: big enough to amortize sending it to a worker
 
 
 def make_tokenizer(spec: str, files: list[str], text_field: str, strict_utf8: bool):
@@ -53,91 +59,222 @@ def _sample(files, text_field, strict_utf8):
         return
 
 
-def _tokenize_file(args):
-  """Worker: one file -> (token arrays of its documents, ReadStats)."""
-  path, tokenizer, text_field, strict_utf8 = args
-  stats = readers.ReadStats()
-  docs = [tokenizer.encode(doc, eos=True)
-          for doc in readers.iter_documents(path, text_field=text_field, strict_utf8=strict_utf8,
-                                            stats=stats)]
-  return docs, stats
+@dataclasses.dataclass
+class _Unit:
+  """A run of consecutive documents, tokenized in one call: it goes out with `documents` and comes back
+  with `tokens`, split -> (tokens of its documents there, one after another; their lengths)."""
+
+  first: int  # the number of its first document
+  position: int  # input bytes read by its end, for the progress bar
+  documents: list[str] | None
+  tokens: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+
+class _Encoder:
+  """Tokenizes a unit (each document ends with EOS) and sends each document to train or validation."""
+
+  def __init__(self, tokenizer, dtype, seed: int, val_fraction: float):
+    self.tokenizer, self.dtype, self.seed, self.val_fraction = tokenizer, np.dtype(dtype), seed, val_fraction
+
+  def __call__(self, unit: _Unit) -> _Unit:
+    docs = unit.documents
+    if hasattr(self.tokenizer, "encode_batch"):
+      encoded = self.tokenizer.encode_batch(docs, eos=True)
+    else:
+      encoded = [self.tokenizer.encode(doc, eos=True) for doc in docs]
+    # Decided by (seed, document number) alone, so the split does not depend on units or workers.
+    to_val = [np.random.default_rng([self.seed, n]).random() < self.val_fraction
+              for n in range(unit.first, unit.first + len(docs))]
+    tokens = {}
+    for split, wanted in (("train", False), ("validation", True)):
+      mine = [ids for ids, v in zip(encoded, to_val) if v == wanted]
+      tokens[split] = (np.concatenate([np.zeros(0, self.dtype), *mine]).astype(self.dtype),
+                       np.array([len(ids) for ids in mine], np.int64))
+    return dataclasses.replace(unit, documents=None, tokens=tokens)
+
+
+_worker_encoder = None  # the _Encoder of a pool worker process, set once when it starts
+
+
+def _start_worker(encoder: _Encoder) -> None:
+  """Runs once in each pool worker. The workers are the parallelism: without this, each one's
+  `encode_batch` would start a thread per core, workers x cores threads in all."""
+  global _worker_encoder
+  _worker_encoder = encoder
+  os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _encode_in_worker(unit: _Unit) -> _Unit:
+  return _worker_encoder(unit)
+
+
+def _in_order(pool, fn, tasks, limit: int):
+  """fn(task) for each task, in order, computed by the pool with at most `limit` tasks submitted and not
+  yet consumed: `tasks` is pulled only as results are taken, so memory stays bounded."""
+  pending = collections.deque()
+  for task in tasks:
+    if len(pending) == limit:
+      yield pending.popleft().get()
+    pending.append(pool.apply_async(fn, (task,)))
+  while pending:
+    yield pending.popleft().get()
+
+
+def _file_share(path: str, read: int) -> int:
+  """How many bytes of the file at `path` reading `read` bytes of its text stands for (estimated for .gz
+  from its trailer, which holds the uncompressed size modulo 4 GiB)."""
+  size = os.path.getsize(path)
+  if path.lower().endswith(".gz") and size >= 4:
+    with open(path, "rb") as f:
+      f.seek(-4, os.SEEK_END)
+      whole = int.from_bytes(f.read(4), "little")
+    read = read * size // max(whole, 1)
+  return min(read, size)
+
+
+def _units(files: list[str], text_field: str, strict_utf8: bool, stats: readers.ReadStats,
+           unit_bytes: int):
+  """The documents of `files`, in order, in _Units of about `unit_bytes` characters (a unit ends with the
+  document that reaches it); `stats` counts what was read."""
+  docs, size, number, done = [], 0, 0, 0
+  for path in files:
+    start = stats.bytes
+    for doc in readers.iter_documents(path, text_field=text_field, strict_utf8=strict_utf8, stats=stats):
+      docs.append(doc)
+      size += len(doc)
+      if size >= unit_bytes:
+        yield _Unit(number, done + _file_share(path, stats.bytes - start), docs)
+        number, docs, size = number + len(docs), [], 0
+    done += os.path.getsize(path)
+  if docs:
+    yield _Unit(number, done, docs)
 
 
 def prepare(inputs: list[str], output: str, *, tokenizer: str = "byte", text_field: str = "text",
             val_fraction: float = 0.01, overwrite: bool = False, strict_utf8: bool = False,
-            workers: int = 1, seed: int = 0, progress: bool = True) -> dict:
-  """Writes the store; returns its meta.json contents."""
+            workers: int = 1, seed: int = 0, progress: bool = True, unit_bytes: int = UNIT_BYTES,
+            buffer_chunks: int = 16) -> dict:
+  """Writes the store; returns its meta.json contents. The text is read once, `unit_bytes` at a time, and
+  tokens reach the store `buffer_chunks` chunks at a time, so memory does not grow with the corpus."""
   if not 0.0 < val_fraction < 1.0:
     raise UserError(f"--val_fraction must be in (0, 1), got {val_fraction}", "e.g. --val_fraction=0.01")
   if workers < 1:
     raise UserError(f"--workers must be at least 1, got {workers}", "e.g. --workers=2")
   files = readers.list_inputs(inputs)
   _check_output(output, overwrite)
+  if not store.is_url(output):
+    _remove_leftovers(output)
   begin = time.monotonic()
   tok = make_tokenizer(tokenizer, files, text_field, strict_utf8)
-  dtype = store.token_dtype(tok.vocab_size)
-  total_bytes = sum(os.path.getsize(f) for f in files)
-  parts = {s: [] for s in store.SPLITS}
-  stats, done_bytes, doc_number, shown = readers.ReadStats(), 0, 0, 0.0
-  jobs = [(path, tok, text_field, strict_utf8) for path in files]
-  # spawn, not fork: the parent holds tensorstore's and the tokenizer library's threads
-  pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+  target = _start_output(output)
   try:
-    results = pool.imap(_tokenize_file, jobs) if pool else map(_tokenize_file, jobs)
-    for path, (docs, file_stats) in zip(files, results):
-      for doc in docs:
-        to_val = np.random.default_rng([seed, doc_number]).random() < val_fraction
-        parts["validation" if to_val else "train"].append(doc.astype(dtype))
-        doc_number += 1
-      for field in ("files", "documents", "bytes", "replaced"):
-        setattr(stats, field, getattr(stats, field) + getattr(file_stats, field))
-      done_bytes += os.path.getsize(path)
-      if progress and (time.monotonic() - shown > 0.5 or done_bytes == total_bytes):
-        _bar(done_bytes, total_bytes, begin)
+    encoder = _Encoder(tok, store.token_dtype(tok.vocab_size), seed, val_fraction)
+    splits, stats = _tokenize(files, target, encoder, text_field, strict_utf8, workers, unit_bytes,
+                              buffer_chunks, begin if progress else None)
+    if stats.documents == 0 or not any(s["tokens"] > s["documents"] for s in splits.values()):
+      raise UserError(f"no text in {', '.join(inputs)}", "give files with text in them")
+    split_by = "document"
+    if not splits["train"]["documents"] or not splits["validation"]["documents"]:
+      splits, split_by = _split_by_tokens(target, splits, encoder.dtype, val_fraction), "tokens"
+    return _commit(output, target, tok, {
+        "split_by": split_by, "val_fraction": val_fraction, "seed": seed,
+        "sources": {"inputs": list(inputs), "files": stats.files, "bytes": stats.bytes,
+                    "invalid_utf8_replaced": stats.replaced, "text_field": text_field},
+        "seconds": round(time.monotonic() - begin, 3), "splits": splits})
+  except Exception:
+    if target != output:  # a mistake in the input, not a kill: leave no partial folder behind
+      shutil.rmtree(target, ignore_errors=True)
+    raise
+
+
+def _tokenize(files, target, encoder, text_field, strict_utf8, workers, unit_bytes, buffer_chunks, begin):
+  """Streams the documents of `files` through `encoder` into the splits' token arrays, and writes their
+  offsets. Returns (split -> {"documents", "tokens", "crc32"}, ReadStats). Progress is shown unless
+  `begin` (when prepare began) is None."""
+  writers = {s: store.ArrayWriter(target, f"{s}/tokens", encoder.dtype, buffer_chunks) for s in store.SPLITS}
+  lengths = {s: [] for s in store.SPLITS}  # 8 bytes per document
+  stats = readers.ReadStats()
+  units = _units(files, text_field, strict_utf8, stats, unit_bytes)
+  total = sum(os.path.getsize(f) for f in files)
+  shown = 0.0
+  # spawn, not fork: the parent holds tensorstore's and the tokenizer library's threads
+  pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(encoder,))
+          if workers > 1 else None)
+  try:
+    for unit in _in_order(pool, _encode_in_worker, units, 2 * workers) if pool else map(encoder, units):
+      for split, (tokens, sizes) in unit.tokens.items():
+        writers[split].append(tokens)
+        lengths[split].append(sizes)
+      if begin is not None and time.monotonic() - shown > 0.5:
+        _bar(unit.position, total, begin)
         shown = time.monotonic()
   finally:
     if pool:
       pool.terminate()
-  if progress and sys.stdout.isatty():
-    print()
-  if stats.documents == 0 or not any(len(d) > 1 for p in parts.values() for d in p):
-    raise UserError(f"no text in {', '.join(inputs)}", "give files with text in them")
-  split_by = "document"
-  if not parts["train"] or not parts["validation"]:
-    parts, split_by = _split_by_tokens(parts["train"] + parts["validation"], val_fraction), "tokens"
-  return _write(output, tok, parts, {
-      "split_by": split_by, "val_fraction": val_fraction, "seed": seed,
-      "sources": {"inputs": list(inputs), "files": stats.files, "bytes": stats.bytes,
-                  "invalid_utf8_replaced": stats.replaced, "text_field": text_field},
-      "seconds": round(time.monotonic() - begin, 3)}, overwrite)
-
-
-def _split_by_tokens(docs: list[np.ndarray], val_fraction: float) -> dict:
-  stream = np.concatenate(docs)
-  cut = int(len(stream) * (1.0 - val_fraction))
-  return {"train": [stream[:cut]], "validation": [stream[cut:]]}
-
-
-def _write(output: str, tok, parts: dict, meta: dict, overwrite: bool) -> dict:
-  local = not store.is_url(output)
-  target = output
-  if local:
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    target = tempfile.mkdtemp(prefix=os.path.basename(output.rstrip("/")) + ".partial-", dir=parent)
+    for writer in writers.values():  # nothing may land in a partial folder after it is removed
+      writer.wait()
+  if begin is not None:
+    _bar(total, total, begin)
+    if sys.stdout.isatty():
+      print()
   splits = {}
-  for split, docs in parts.items():
-    tokens = np.concatenate(docs) if docs else np.zeros(0, store.token_dtype(tok.vocab_size))
-    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
-    store.write_array(target, f"{split}/tokens", tokens)
-    store.write_array(target, f"{split}/offsets", offsets)
-    splits[split] = {"documents": len(docs), "tokens": int(len(tokens)), "crc32": store.crc32(tokens)}
+  for split, writer in writers.items():
+    writer.close()
+    sizes = np.concatenate([np.zeros(0, np.int64), *lengths[split]])
+    store.write_array(target, f"{split}/offsets", np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+    splits[split] = {"documents": len(sizes), "tokens": writer.length, "crc32": writer.crc32}
+  return splits, stats
+
+
+def _split_by_tokens(target: str, splits: dict, dtype, val_fraction: float) -> dict:
+  """The one nonempty split's N tokens cut at int(N * (1 - val_fraction)): the head is training, the tail
+  validation, each one document. The cut-off part is copied to the other split's array a block at a time."""
+  source = "train" if splits["train"]["tokens"] else "validation"
+  other = "validation" if source == "train" else "train"
+  count = splits[source]["tokens"]
+  cut = int(count * (1.0 - val_fraction))
+  moved, kept = ((cut, count), (0, cut)) if source == "train" else ((0, cut), (cut, count))
+  writer = store.ArrayWriter(target, f"{other}/tokens", dtype)
+  for block in store.read_blocks(target, f"{source}/tokens", *moved):
+    writer.append(block)
+  writer.close()
+  crc = store.keep_range(target, f"{source}/tokens", *kept)
+  out = {other: {"documents": 1, "tokens": writer.length, "crc32": writer.crc32},
+         source: {"documents": 1, "tokens": kept[1] - kept[0], "crc32": crc}}
+  for split, counts in out.items():
+    store.write_array(target, f"{split}/offsets", np.array([0, counts["tokens"]], np.int64))
+  return {split: out[split] for split in store.SPLITS}
+
+
+def _remove_leftovers(output: str) -> None:
+  """Removes the temporary folders of earlier prepares to `output` that were killed before they finished."""
+  parent = os.path.dirname(os.path.abspath(output))
+  prefix = os.path.basename(os.path.abspath(output)) + ".partial-"
+  for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+    path = os.path.join(parent, name)
+    if name.startswith(prefix) and os.path.isdir(path):
+      print(f"jaxlm: warning: removing {path} left by an interrupted prepare", file=sys.stderr, flush=True)
+      shutil.rmtree(path)
+
+
+def _start_output(output: str) -> str:
+  """Where to write: a new temporary folder beside a local `output`; a URL itself, its meta.json removed
+  first, so a store being replaced is refused until it is complete."""
+  if store.is_url(output):
+    store.open_kvstore(output).write(store.META, None).result()
+    return output
+  parent = os.path.dirname(os.path.abspath(output))
+  os.makedirs(parent, exist_ok=True)
+  return tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output)) + ".partial-", dir=parent)
+
+
+def _commit(output: str, target: str, tok, meta: dict) -> dict:
+  """Writes the tokenizer and meta.json (last), then renames a local store into place."""
   store.open_kvstore(target).write(store.TOKENIZER, tok.to_json().encode()).result()
   meta = {**meta, "tokenizer": {"type": tok.name, "vocab_size": tok.vocab_size},
-          "dtype": np.dtype(store.token_dtype(tok.vocab_size)).name, "eos_after_document": True,
-          "splits": splits}
+          "dtype": np.dtype(store.token_dtype(tok.vocab_size)).name, "eos_after_document": True}
   store.write_meta(target, meta)
-  if local:
+  if target != output:
     if os.path.exists(output):  # --overwrite was given (checked before any work)
       shutil.rmtree(output)
     os.replace(target, output)

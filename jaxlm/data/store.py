@@ -26,6 +26,8 @@ CHUNK = 1 << 16  # tokens per zarr chunk: a random window decompresses at most t
 # One per process, so memory:// stores are visible to every reader in it; decompressed chunks stay
 # cached, so neighbouring windows do not decompress the same chunk again.
 CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}})
+# Writing keeps no chunks cached (prepare's memory must not grow with what it wrote); same memory:// stores.
+_WRITE_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}}, CONTEXT)
 
 
 def is_url(path: str) -> bool:
@@ -49,17 +51,119 @@ def token_dtype(vocab_size: int):
   return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
+_CODEC = ts.CodecSpec({"driver": "zarr3", "codecs": [{"name": "bytes"}, {"name": "zstd"}]})
+_BLOCK = 16 * CHUNK  # elements per read or write call
+
+
+def _blocks(start: int, stop: int):
+  """(begin, end) of consecutive blocks of at most _BLOCK elements covering [start, stop)."""
+  for begin in range(start, stop, _BLOCK):
+    yield begin, min(begin + _BLOCK, stop)  # (tensorstore does not clamp slices)
+
+
+def _create(path: str, key: str, dtype, length: int, chunk: int) -> ts.TensorStore:
+  spec = {"driver": "zarr3", "kvstore": kvstore_url(path) + key}
+  return ts.open(spec, create=True, delete_existing=True, dtype=ts.dtype(np.dtype(dtype).name), shape=[length],
+                 chunk_layout=ts.ChunkLayout(chunk_shape=[chunk]), codec=_CODEC, context=_WRITE_CONTEXT).result()
+
+
+def _open_writable(path: str, key: str) -> ts.TensorStore:
+  spec = {"driver": "zarr3", "kvstore": kvstore_url(path) + key}
+  return ts.open(spec, open=True, context=_WRITE_CONTEXT).result()
+
+
+class ArrayWriter:
+  """Appends to a 1-D zarr3 array at STORE/key (zstd-compressed chunks of CHUNK elements) that grows as
+  data comes, so a corpus never has to fit in memory; keeps the crc32 of everything appended.
+
+  Up to `buffer_chunks` chunks wait in memory, then every whole chunk is written once. An array that ends
+  shorter than one chunk gets a single chunk of its own length: the files are those of writing it at once.
+  """
+
+  def __init__(self, path: str, key: str, dtype, buffer_chunks: int = 16):
+    self.path, self.key, self.dtype = path, key, np.dtype(dtype)
+    self.length, self.crc32 = 0, 0  # of everything appended
+    self._limit = max(1, buffer_chunks) * CHUNK
+    self._array = None  # created by the first flush
+    self._written = 0  # elements flushed (a multiple of CHUNK until close)
+    self._pending, self._pending_length = [], 0
+    self._writing = (None, [])  # the data of the last flush and its write futures
+
+  def append(self, data: np.ndarray) -> None:
+    data = np.ascontiguousarray(data, self.dtype)
+    self.crc32 = zlib.crc32(memoryview(data).cast("B"), self.crc32)
+    self.length += len(data)
+    self._pending.append(data)
+    self._pending_length += len(data)
+    if self._pending_length >= self._limit:
+      self._flush(final=False)
+
+  def close(self) -> None:
+    """Writes what is left; the array then has exactly `length` elements."""
+    self._flush(final=True)
+    self.wait()
+
+  def wait(self) -> None:
+    """Returns once everything flushed so far is in storage."""
+    for future in self._writing[1]:
+      future.result()
+    self._writing = (None, [])
+
+  def _flush(self, final: bool) -> None:
+    """Starts writing the pending whole chunks (all that is pending when `final`), and does not wait for
+    it: they compress and reach storage while the caller tokenizes more."""
+    pending = self._pending
+    data = pending[0] if len(pending) == 1 else np.concatenate([np.zeros(0, self.dtype), *pending])
+    stop = len(data) if final else len(data) // CHUNK * CHUNK
+    end = self._written + stop
+    self.wait()
+    if self._array is None:
+      self._array = _create(self.path, self.key, self.dtype, end, max(1, min(CHUNK, end)) if final else CHUNK)
+    elif end > self._written:
+      self._array = self._array.resize(exclusive_max=[end], expand_only=True).result()
+    at = self._written
+    self._writing = (data, [self._array[at + a:at + b].write(data[a:b]) for a, b in _blocks(0, stop)])
+    self._written = end
+    self._pending = [data[stop:]] if stop < len(data) else []
+    self._pending_length = len(data) - stop
+
+
 def write_array(path: str, key: str, data: np.ndarray) -> None:
   """Writes a 1-D array as zarr3 at STORE/key (zstd-compressed chunks of CHUNK elements)."""
-  spec = {"driver": "zarr3", "kvstore": kvstore_url(path) + key}
-  array = ts.open(spec, create=True, delete_existing=True, dtype=ts.dtype(data.dtype.name),
-                  shape=[len(data)], chunk_layout=ts.ChunkLayout(chunk_shape=[max(1, min(CHUNK, len(data)))]),
-                  codec=ts.CodecSpec({"driver": "zarr3", "codecs": [{"name": "bytes"}, {"name": "zstd"}]}),
-                  context=CONTEXT).result()
-  step = 16 * CHUNK
-  for start in range(0, len(data), step):
-    stop = min(start + step, len(data))  # (tensorstore does not clamp slices)
-    array[start:stop].write(data[start:stop]).result()
+  writer = ArrayWriter(path, key, data.dtype)
+  writer.append(data)
+  writer.close()
+
+
+def read_blocks(path: str, key: str, start: int, stop: int):
+  """Elements [start, stop) of the array at STORE/key, at most 16 chunks at a time."""
+  array = _open_writable(path, key)
+  for begin, end in _blocks(start, stop):
+    yield array[begin:end].read().result()
+
+
+def keep_range(path: str, key: str, start: int, stop: int) -> int:
+  """Cuts the array at STORE/key down to its elements [start, stop), moved to the front, in place and a
+  block at a time; its files end as if those elements had been written at once. Returns their crc32."""
+  array = _open_writable(path, key)
+  length = stop - start
+  if length < CHUNK and array.chunk_layout.read_chunk.shape[0] != max(1, length):
+    data = array[start:stop].read().result()  # under one chunk: a chunk of its own length, as write_array
+    write_array(path, key, data)
+    return crc32(data)
+  crc = 0
+  for begin, end in _blocks(start, stop):
+    block = array[begin:end].read().result()
+    if start:  # a forward copy: each block is read before anything overwrites it
+      array[begin - start:end - start].write(block).result()
+    crc = zlib.crc32(memoryview(block).cast("B"), crc)
+  if length < array.shape[0]:
+    # Shrinking keeps the old elements of the last, partial chunk: zero them, as a fresh write has them.
+    chunk_end = min(array.shape[0], -(-length // CHUNK) * CHUNK)
+    if chunk_end > length:
+      array[length:chunk_end].write(np.zeros(chunk_end - length, array.dtype.numpy_dtype)).result()
+    array.resize(exclusive_max=[length], shrink_only=True).result()
+  return crc
 
 
 def write_meta(path: str, meta: dict) -> None:
