@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.checkpoint import abstract_like, load_params, resolve_checkpoint
-from jaxlm.config import base_config
+from jaxlm.config import base_config, flatten
 from jaxlm.data.store import TokenStore, is_store
 from jaxlm.data.text import load_data, read_text
 from jaxlm.data.tokenizer import load_tokenizer_json, padded_vocab_size
@@ -67,19 +67,9 @@ def _saved_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     saved = json.load(f)
   config = base_config()
-  config.update_from_flattened_dict(_flatten(saved))  # keys this version added keep their defaults
+  config.update_from_flattened_dict(flatten(saved))  # keys this version added keep their defaults
   config.mesh.rules = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in config.mesh.rules)
   return config
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
 
 
 def _local_mesh(config: ml_collections.ConfigDict):

@@ -105,8 +105,7 @@ def train(argv: list[str]) -> None:
   loop.run(config, workdir)
 
 
-def parse_prepare_flags(argv: list[str]) -> dict:
-  values = flags.FlagValues()
+def _define_prepare(values: flags.FlagValues) -> None:
   flags.DEFINE_multi_string("input", [], "text file, folder or .jsonl (repeatable)", flag_values=values)
   flags.DEFINE_string("output", None, "store folder or gs:// URL", flag_values=values)
   flags.DEFINE_string("tokenizer", "byte", "byte, bpe:VOCAB or a tokenizer.json", flag_values=values)
@@ -117,12 +116,10 @@ def parse_prepare_flags(argv: list[str]) -> dict:
   flags.DEFINE_bool("strict_utf8", False, "invalid UTF-8 is an error (default: replaced)",
                     flag_values=values)
   flags.DEFINE_bool("overwrite", False, "replace an existing store", flag_values=values)
-  try:
-    extra = values(["jaxlm"] + argv)[1:]
-  except flags.Error as e:
-    raise UserError(str(e).splitlines()[0], "see `jaxlm --help`") from None
-  if extra:
-    raise UserError(f"unexpected arguments: {' '.join(extra)}", "flags look like --name=value")
+
+
+def parse_prepare_flags(argv: list[str]) -> dict:
+  values = _parse_flags(argv, _define_prepare)
   if not values.input:
     raise UserError("missing --input", "e.g. --input=corpus/ or --input=data.jsonl.gz")
   if not values.output:
@@ -155,6 +152,11 @@ def _parse_flags(argv: list[str], define) -> flags.FlagValues:
     raise UserError(str(e).splitlines()[0], "see `jaxlm --help`") from None
   if extra:
     raise UserError(f"unexpected arguments: {' '.join(extra)}", "flags look like --name=value")
+  return values
+
+
+def _parse_run_flags(argv: list[str], define) -> flags.FlagValues:
+  values = _parse_flags(argv, define)
   if not values.workdir:
     raise UserError("missing --workdir", "give the --workdir of a training run")
   return values
@@ -193,7 +195,7 @@ def _start_jax_for(workdir: str) -> None:
 
 
 def sample(argv: list[str]) -> None:
-  v = _parse_flags(argv, _define_sample)
+  v = _parse_run_flags(argv, _define_sample)
   from jaxlm.generate import Sampling
 
   Sampling(v.temperature, v.top_k, v.top_p).check()
@@ -229,7 +231,7 @@ def sample(argv: list[str]) -> None:
 
 
 def evaluate(argv: list[str]) -> None:
-  v = _parse_flags(argv, _define_eval)
+  v = _parse_run_flags(argv, _define_eval)
   _start_jax_for(v.workdir)
   import jax
 

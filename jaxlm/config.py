@@ -194,7 +194,7 @@ def resume_changes(saved: dict, c: ml_collections.ConfigDict, workdir: str) -> l
 
   Raises a UserError if a shape key differs; returns the other changed keys as "key: old -> new".
   """
-  old, new = _flat(saved), _flat(json.loads(to_json(c)))
+  old, new = flatten(saved), flatten(json.loads(to_json(c)))
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   for key in changed:
     if key in SHAPE_KEYS:
@@ -204,11 +204,12 @@ def resume_changes(saved: dict, c: ml_collections.ConfigDict, workdir: str) -> l
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[prefix + k] = v
   return out
