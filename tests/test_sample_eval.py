@@ -81,6 +81,7 @@ def test_greedy_sampling_is_the_models_argmax(run):
     (["--max_new_tokens=29"], "max_new_tokens=29 with a prompt of 4 tokens does not fit the model's 32 positions"),
     (["--prompt=" + "x" * 40], "the prompt is 40 tokens, but the model has 32 positions"),
     (["--num_samples=0"], "--num_samples must be at least 1"),
+    (["--prompt="], "a prompt is empty"),
     (["--step=5"], "no checkpoint for step 5"),
     (["--bogus=1"], "Unknown command line flag 'bogus'"),
 ])
