@@ -11,7 +11,6 @@
 of the pure train_step.)
 """
 
-import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -22,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.checkpoint import abstract_like, load_params, resolve_checkpoint
-from jaxlm.config import base_config, flatten
+from jaxlm.config import config_from_json, mesh_shape
+from jaxlm.configfile import load_config_file
 from jaxlm.data.store import TokenStore, is_store
 from jaxlm.data.text import load_data, read_text
 from jaxlm.data.tokenizer import load_tokenizer_json, padded_vocab_size
@@ -36,12 +36,7 @@ from jaxlm.train import plan_train_state
 
 def load_config(path: str) -> ml_collections.ConfigDict:
   """The config of an experiment file (configs/NAME.py, with get_config())."""
-  if not os.path.isfile(path):
-    raise UserError(f"config file {path} does not exist", "e.g. configs/default.py")
-  spec = importlib.util.spec_from_file_location("jaxlm_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(path)
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> "Run":
@@ -64,18 +59,23 @@ def _saved_config(workdir: str) -> ml_collections.ConfigDict:
       raise UserError(f"workdir {workdir} does not exist", "give the --workdir of a training run")
     raise UserError(f"{workdir} has no config.json, so it is not the workdir of a jaxlm run",
                     "give the --workdir you trained with")
-  with open(path) as f:
-    saved = json.load(f)
-  config = base_config()
-  config.update_from_flattened_dict(flatten(saved))  # keys this version added keep their defaults
-  config.mesh.rules = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in config.mesh.rules)
-  return config
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({e})", "restore it, or train again in a new workdir") from None
+  return config_from_json(saved, path)
 
 
 def _local_mesh(config: ml_collections.ConfigDict):
   """The run's fsdp x tensor layout over the devices here, the rest data parallel (else all data)."""
-  n, f, t = jax.device_count(), config.mesh.fsdp, config.mesh.tensor
-  return make_mesh((n // (f * t), f, t) if n % (f * t) == 0 else (n, 1, 1))
+  n = jax.device_count()
+  layout = config.copy_and_resolve_references()
+  layout.mesh.data = -1
+  try:
+    return make_mesh(mesh_shape(layout, n))
+  except UserError:  # (e.g. trained with tensor=4, sampled on 2 devices)
+    return make_mesh((n, 1, 1))
 
 
 class Run:
@@ -85,7 +85,8 @@ class Run:
   def __init__(self, workdir: str, step: int | None = None):
     self.workdir = workdir
     self.config = _saved_config(workdir)
-    _, self.step = resolve_checkpoint(workdir if step is None else os.path.join(workdir, str(step)))
+    where = workdir if step is None else os.path.join(workdir, str(step))
+    resolve_checkpoint(where, quiet=True)  # (no checkpoint, or none valid: said before anything is built)
     tok_path = os.path.join(workdir, "tokenizer.json")
     if not os.path.isfile(tok_path):
       raise UserError(f"{workdir} has no tokenizer.json", "train again in this workdir to write it")
@@ -98,7 +99,7 @@ class Run:
     with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
       setup, init, shardings = plan_train_state(self.config, self.model_config, self.token_bytes, self.mesh)
       abstract = abstract_like(jax.eval_shape(init).params, shardings.params)
-      self.params = load_params(os.path.join(workdir, "checkpoints", str(self.step)), abstract)
+      self.params, self.step = load_params(where, abstract)
     self.graphdef = setup.graphdef
     self._generator = Generator(self.graphdef, self.params, self.model_config, eos_id=self.tokenizer.EOS,
                                 vocab_limit=self.tokenizer.vocab_size, mesh=self.mesh, rules=self.rules)
@@ -114,7 +115,8 @@ class Run:
     max_new_tokens: default, as many as fit the model's positions after the prompt. Temperature 0 is
     greedy. `on_text(sample, text)` receives each sample's new text as it is decoded; samples are
     then generated one after another (the same texts as a batch: each has its own random stream).
-    Sample i uses random stream sample_id + i.
+    Sample i uses random stream sample_id + i. Afterwards `filled_positions` says whether a text
+    stopped only because the model's positions ran out.
     """
     ids, new = self.check_prompt(prompt, max_new_tokens)
     sampling = Sampling(temperature, top_k, top_p).check()
@@ -129,6 +131,8 @@ class Run:
                                          sample_ids=[sample_id + i], on_tokens=lambda rows: printer(rows[0]),
                                          chunk=16)  # (each call costs ~1 ms)
         printer.finish()
+    # Ran to the end of the positions rather than to EOS (or to a length the caller asked for):
+    self.filled_positions = max_new_tokens is None and any(len(o) == new for o in outs)
     texts = [prompt + self.tokenizer.decode(o) for o in outs]
     return texts[0] if num_samples == 1 else texts
 

@@ -19,25 +19,21 @@ import glob
 import json
 import math
 import os
-import sys
 import threading
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
-from jaxlm.errors import UserError
+from jaxlm.errors import RunFailed, UserError, warn
+from jaxlm.parallel import all_agree
 
 MANIFEST = "jaxlm-manifest.json"
 _TMP = ".orbax-checkpoint-tmp"
-
-
-def warn(text: str) -> None:
-  if jax.process_index() == 0:
-    print(f"jaxlm: warning: {text}", file=sys.stderr, flush=True)
 
 
 class Checkpoints:
@@ -76,6 +72,9 @@ class Checkpoints:
     self.wait()
     if step in self._manager.all_steps():
       return False
+    if not all_finite(state):
+      raise RunFailed(f"the state of step {step} holds non-finite values; it was not saved",
+                      "lower --config.optim.lr; the checkpoints saved before are intact")
     data = _Position(data_iterator.get_state())
     metrics = {"step": step} if val_loss is None else {"step": step, "val_loss": float(val_loss)}
     if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(state)):
@@ -132,7 +131,7 @@ class Checkpoints:
     """
     self._set_aside_leftovers()
     for step in reversed(self.steps()):
-      problem = step_problem(os.path.join(self.directory, str(step)))
+      problem, kind = step_problem(os.path.join(self.directory, str(step))), "damaged"
       if problem is None:
         try:
           check_shapes(self._manager.item_metadata(step)["state"], abstract_state,
@@ -140,15 +139,17 @@ class Checkpoints:
           restored = self._restore(step, abstract_state, data_iterator)
           if int(restored.step) != step:
             problem = f"it holds the state of step {int(restored.step)}"
+          elif not all_finite(restored):
+            problem, kind = "it holds non-finite values (saved by a run that diverged)", "nonfinite"
         except UserError:
           raise
         except Exception as e:  # noqa: BLE001 - any failure to read is damage; the message says which
           problem = f"it cannot be read ({_first_line(e)})"
-      if not _all_agree(problem is None):
+      if not all_agree(problem is None):
         problem = problem or "another process could not read it"
       if problem is None:
         return restored, step
-      self._set_aside(step, problem)
+      self._set_aside(step, problem, kind)
     return None
 
   def _restore(self, step: int, abstract_state, data_iterator):
@@ -163,15 +164,16 @@ class Checkpoints:
            f"{jax.process_count()}; the data order continues from the step instead")
     return self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
-  def _set_aside(self, step: int, problem: str) -> None:
-    moved = _free_name(os.path.join(self.directory, f"{step}.damaged"))
+  def _set_aside(self, step: int, problem: str, kind: str = "damaged") -> None:
+    moved = _free_name(os.path.join(self.directory, f"{step}.{kind}"))
     if jax.process_index() == 0:
       os.rename(os.path.join(self.directory, str(step)), moved)
     multihost_utils.sync_global_devices(f"jaxlm set aside {step}")
     self._manager.reload()
     earlier = [s for s in self.steps() if s < step]
     then = f"trying step {earlier[-1]}" if earlier else "no earlier checkpoint; starting fresh"
-    warn(f"checkpoint step {step} is damaged: {problem}; moved it to {moved}; {then}")
+    what = f"is damaged: {problem}" if kind == "damaged" else problem.removeprefix("it ")
+    warn(f"checkpoint step {step} {what}; moved it to {moved}; {then}")
 
   def _set_aside_leftovers(self) -> None:
     """Temporary folders of saves that never committed (the process died while writing)."""
@@ -216,7 +218,21 @@ class _Position:
 
 
 def _val_loss(metrics) -> float:
-  return metrics.get("val_loss", math.inf)  # a step saved without an evaluation is never the best
+  """The keep-best ranking: a step saved without an evaluation, or with a non-finite one (an older
+  jaxlm saved those), is never the best."""
+  value = metrics.get("val_loss", math.inf)
+  return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+
+@jax.jit
+def _finite(tree) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def all_finite(tree) -> bool:
+  """Whether every float in the tree (device arrays, sharded or not, or numpy) is finite."""
+  return bool(_finite(tree))
 
 
 def write_manifest(folder: str, step: int) -> None:
@@ -271,10 +287,23 @@ def check_shapes(saved, abstract, where: str, prefix: str = "") -> None:
 def load_params(path: str, abstract_params):
   """Parameters only, from a workdir (newest valid step), WORKDIR/STEP or WORKDIR/checkpoints/STEP.
 
-  For fine-tuning (`--config.init_from`), evaluation and sampling. `abstract_params` carries the
-  shapes and shardings to load onto; a shape mismatch is a UserError naming the parameter.
+  For fine-tuning (`--config.init_from`), evaluation and sampling; returns (params, step).
+  `abstract_params` carries the shapes and shardings to load onto; a shape mismatch is a UserError
+  naming the parameter. A step that a run training in the workdir deletes (its keep policy) while
+  it is being read is replaced by the newest again.
   """
-  directory, step = resolve_checkpoint(path)
+  for attempt in range(3):
+    directory, step = resolve_checkpoint(path)
+    folder = os.path.join(directory, str(step))
+    try:
+      return _read_params(directory, step, abstract_params), step
+    except (UserError, ValueError, OSError):
+      if os.path.isdir(folder) or attempt == 2:
+        raise
+  raise AssertionError("unreachable")
+
+
+def _read_params(directory: str, step: int, abstract_params):
   folder = os.path.join(directory, str(step))
   if (problem := step_problem(folder)) is not None:
     raise UserError(f"checkpoint {folder} is damaged: {problem}", "choose another step")
@@ -284,11 +313,18 @@ def load_params(path: str, abstract_params):
     check_shapes(saved["params"], abstract_params, f"checkpoint {folder}", prefix="params/")
     restored = m.restore(step, args=ocp.args.Composite(state=_restore_args(
         {"params": abstract_params}, partial=True)))  # reads the params only
-  return restored["state"]["params"]
+  params = restored["state"]["params"]
+  if not all_finite(params):
+    raise UserError(f"checkpoint {folder} holds non-finite parameters (saved by a run that diverged)",
+                    "give an earlier --step")
+  return params
 
 
-def resolve_checkpoint(path: str) -> tuple[str, int]:
-  """(checkpoints directory, step) for WORKDIR, WORKDIR/STEP or WORKDIR/checkpoints[/STEP]."""
+def resolve_checkpoint(path: str, quiet: bool = False) -> tuple[str, int]:
+  """(checkpoints directory, step) for WORKDIR, WORKDIR/STEP or WORKDIR/checkpoints[/STEP].
+
+  Without a step, the newest valid one; newer damaged ones are named in one warning (unless `quiet`).
+  """
   path = os.path.abspath(path.rstrip("/"))
   head, tail = os.path.split(path)
   step = None
@@ -298,15 +334,20 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
   if not os.path.isdir(directory):
     raise UserError(f"no checkpoints in {path}", "give a workdir of a run, or WORKDIR/STEP")
   steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-  if step is None:
-    valid = [s for s in steps if step_problem(os.path.join(directory, str(s))) is None]
-    if not valid:
-      raise UserError(f"no valid checkpoint in {directory}", "train first, or give another workdir")
-    step = valid[-1]
-  elif step not in steps:
-    raise UserError(f"no checkpoint for step {step} in {directory}",
-                    f"saved steps: {', '.join(map(str, steps)) or 'none'}")
-  return directory, step
+  if step is not None:
+    if step not in steps:
+      raise UserError(f"no checkpoint for step {step} in {directory}",
+                      f"saved steps: {', '.join(map(str, steps)) or 'none'}")
+    return directory, step
+  skipped = []
+  for step in reversed(steps):
+    if (problem := step_problem(os.path.join(directory, str(step)))) is None:
+      if skipped and not quiet:
+        warn(f"skipping damaged checkpoint step{'s' * (len(skipped) > 1)} "
+             f"{', '.join(str(s) for s, _ in skipped)} ({skipped[0][1]}); using step {step}")
+      return directory, step
+    skipped.append((step, problem))
+  raise UserError(f"no valid checkpoint in {directory}", "train first, or give another workdir")
 
 
 def abstract_like(state, shardings):
@@ -337,10 +378,3 @@ def _free_name(path: str) -> str:
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-def _all_agree(ok: bool) -> bool:
-  """True on every process only if `ok` on every process."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))

@@ -4,78 +4,85 @@ User mistakes end in one line `jaxlm: error: <what> (<how to fix>)` and exit cod
 crashes keep their traceback.
 """
 
+import dataclasses
 import json
 import os
 import re
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from jaxlm.errors import UserError
 
 COMMANDS = ("train", "prepare", "sample", "eval")
 USAGE = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.section.key=value ...]
-       jaxlm prepare --input=PATH [--input=PATH ...] --output=DIR [--tokenizer=byte|bpe:VOCAB|FILE]
-                     [--text_field=text] [--val_fraction=0.01] [--workers=N] [--strict_utf8] [--overwrite]
-       jaxlm sample --workdir=DIR [--prompt=TEXT] [--num_samples=1] [--max_new_tokens=N] [--temperature=0.8]
-                    [--top_k=0] [--top_p=1.0] [--seed=0] [--step=STEP]
+       jaxlm prepare --input=PATH [--input=PATH ...] --output=DIR [--tokenizer=byte|bpe:VOCAB|FILE] [...]
+       jaxlm sample --workdir=DIR [--prompt=TEXT] [--num_samples=1] [--temperature=0.8] [...]
        jaxlm eval --workdir=DIR [--data=FILE|STORE] [--step=STEP] [--json]
+       jaxlm COMMAND --help    (its flags; `jaxlm train --config=FILE --help`: that config's keys)
+       jaxlm --version
 
   train     train a model per the config (resumes if the workdir has a checkpoint)
   prepare   tokenize .txt / .jsonl files and folders (optionally .gz) into a token store for
             --config.data.path
   sample    generate text from a trained workdir; it streams as it is decoded
-  eval      loss, perplexity and bits per byte of a workdir's model on a text file or store
-            (default: the run's validation split)
+  eval      loss, perplexity and bits per byte of a workdir's model over every token of a text file
+            or store (default: the run's validation split)
+"""
+
+_TRAIN_FLAGS = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.section.key=value ...]
+
+flags:
+  --config=FILE              experiment config file with get_config() (e.g. configs/default.py)
+  --workdir=DIR              where config.json, metrics.jsonl and checkpoints go; a rerun resumes
+  --config.KEY=VALUE         override one config key (e.g. --config.optim.lr=3e-4)
+  --help                     this text (with --config: that file's values)
 """
 
 
-def _unknown_override(config, argv: list[str]) -> str | None:
-  """The first --config.a.b=... whose path is not in the config, or None."""
-  for arg in argv:
-    match = re.match(r"^--?config\.([\w.]+)", arg)
-    if not match:
-      continue
-    node = config
-    for part in match.group(1).split("."):
-      if not hasattr(node, "keys") or part not in node:
-        return match.group(1)
-      node = node[part]
-  return None
+@dataclasses.dataclass
+class TrainArgs:
+  config: str | None = None
+  workdir: str | None = None
+  overrides: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  help: bool = False
 
 
-def _parse(argv: list[str]):
-  values = flags.FlagValues()
-  config_flag = config_flags.DEFINE_config_file("config", None, "experiment config file",
-                                                flag_values=values, sys_argv=["jaxlm"] + argv)
-  workdir_flag = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go",
-                                     flag_values=values)
-  extra = values(["jaxlm"] + argv)[1:]
-  return config_flag.value, workdir_flag.value, extra
+def parse_train_flags(argv: list[str]) -> TrainArgs:
+  """argv after `train` -> TrainArgs, or a UserError naming the bad flag."""
+  args, rest = TrainArgs(), list(argv)
+  while rest:
+    arg = rest.pop(0)
+    if arg in ("-h", "--help", "-help"):
+      args.help = True
+    elif match := re.fullmatch(r"--?(config|workdir)(?:=(.*))?", arg, re.S):
+      name, value = match.groups()
+      if value is None:
+        if not rest or rest[0].startswith("-"):
+          raise UserError(f"--{name} needs a value", f"e.g. --{name}={_EXAMPLES[name]}")
+        value = rest.pop(0)
+      setattr(args, name, value)
+    elif match := re.fullmatch(r"--?config\.([^=]+)=(.*)", arg, re.S):
+      args.overrides.append(match.groups())
+    elif re.match(r"--?config\.", arg):
+      raise UserError(f"{arg} has no value", "overrides look like --config.optim.lr=3e-4")
+    elif arg.startswith("-"):
+      raise UserError(f"unknown flag {arg.split('=', 1)[0]}",
+                      "train takes --config, --workdir and --config.KEY=VALUE; see `jaxlm train --help`")
+    else:
+      raise UserError(f"unexpected argument {arg!r}", "flags look like --name=value")
+  return args
 
 
-def parse_train_flags(argv: list[str]):
-  """argv after `train` -> (config, workdir), or a UserError naming the bad flag."""
-  try:
-    config, workdir, extra = _parse(argv)
-  except flags.Error as e:
-    raise UserError(str(e).splitlines()[0], "see `jaxlm --help`") from None
-  except (AttributeError, KeyError):  # how ml_collections reports an override of a missing key
-    base = _parse([a for a in argv if not re.match(r"^--?config\.", a)])[0]
-    raise UserError(f"unknown config key {_unknown_override(base, argv)}",
-                    "check the spelling against the config file; keys are section.name") from None
-  except OSError as e:
-    lines = " ".join(line.strip() for line in str(e).strip().splitlines()[:4])
-    raise UserError(f"cannot load config: {lines}",
-                    "give --config=configs/NAME.py, a file with get_config()") from None
-  if extra:
-    raise UserError(f"unexpected arguments: {' '.join(extra)}", "flags look like --name=value")
-  if config is None:
-    raise UserError("missing --config", "e.g. --config=configs/default.py")
-  if not workdir:
-    raise UserError("missing --workdir", "e.g. --workdir=/tmp/jaxlm-run")
-  return config, workdir
+_EXAMPLES = {"config": "configs/default.py", "workdir": "runs/mine"}
+
+
+def train_config(args: TrainArgs):
+  """The config file of `args` with its overrides applied (the base config when there is no file)."""
+  from jaxlm.config import base_config
+  from jaxlm.configfile import apply_overrides, load_config_file
+
+  return apply_overrides(load_config_file(args.config) if args.config else base_config(), args.overrides)
 
 
 def _set_cpu_devices(count: int) -> None:
@@ -95,14 +102,25 @@ def _set_cpu_devices(count: int) -> None:
 
 
 def train(argv: list[str]) -> None:
-  config, workdir = parse_train_flags(argv)
+  args = parse_train_flags(argv)
+  if args.help:
+    from jaxlm.config import describe
+
+    print(_TRAIN_FLAGS + f"\nconfig keys ({args.config or 'defaults'}: key, value, description):\n"
+          + describe(train_config(args)))
+    return
+  if args.config is None:
+    raise UserError("missing --config", "e.g. --config=configs/default.py")
+  if not args.workdir:
+    raise UserError("missing --workdir", "e.g. --workdir=runs/mine")
+  config = train_config(args)
   _set_cpu_devices(config.mesh.cpu_devices)
   from jaxlm import loop
   from jaxlm.parallel import initialize_distributed
 
   initialize_distributed()
 
-  loop.run(config, workdir)
+  loop.run(config, args.workdir)
 
 
 def _define_prepare(values: flags.FlagValues) -> None:
@@ -196,8 +214,11 @@ def _start_jax_for(workdir: str) -> None:
 
 def sample(argv: list[str]) -> None:
   v = _parse_run_flags(argv, _define_sample)
-  from jaxlm.generate import Sampling
+  from jaxlm.config import check_utf8
+  from jaxlm.generate import Sampling, positions_full
 
+  if v.prompt is not None:
+    check_utf8("--prompt", v.prompt)
   Sampling(v.temperature, v.top_k, v.top_p).check()
   if v.num_samples < 1:
     raise UserError(f"--num_samples must be at least 1, got {v.num_samples}", "e.g. --num_samples=3")
@@ -227,7 +248,9 @@ def sample(argv: list[str]) -> None:
     run.generate(prompt, max_new_tokens=v.max_new_tokens or None, temperature=v.temperature, top_k=v.top_k,
                  top_p=v.top_p, seed=v.seed, num_samples=1, on_text=show, sample_id=i)
     if chief:
-      print()
+      print(flush=True)
+      if run.filled_positions:
+        print(f"jaxlm: note: {positions_full(run.model_config.max_seq_len)}", file=sys.stderr, flush=True)
 
 
 def evaluate(argv: list[str]) -> None:
@@ -237,14 +260,43 @@ def evaluate(argv: list[str]) -> None:
 
   from jaxlm.api import load
 
-  result = load(v.workdir, v.step).evaluate(v.data)
+  run = load(v.workdir, v.step)
+  result = run.evaluate(v.data)
   if jax.process_index() != 0:
     return
   if v.json:
     print(json.dumps(result))
   else:
-    print(f"{result['data']} at step {result['step']}: loss {result['loss']:.4f}, perplexity "
-          f"{result['perplexity']:.3f}, bits per byte {result['bits_per_byte']:.4f} ({result['tokens']:,} tokens)")
+    print(f"{result['data']} at step {result['step']}, every token ({result['tokens']:,}): loss "
+          f"{result['loss']:.4f}, perplexity {result['perplexity']:.3f}, bits per byte "
+          f"{result['bits_per_byte']:.4f} (training's val_loss is an estimate of this from "
+          f"{run.config.train.eval_batches} batches of windows)")
+
+
+_DEFINES = {"prepare": _define_prepare, "sample": _define_sample, "eval": _define_eval}
+
+
+def flags_help(command: str) -> str:
+  """`jaxlm COMMAND --help`: every flag of the command with its default and one line of help."""
+  values = flags.FlagValues()
+  _DEFINES[command](values)
+  lines = [f"usage: jaxlm {command} [--flag=value ...]", "", "flags:"]
+  for name in values:
+    flag = values[name]
+    default = "" if flag.default in (None, []) else flag.default
+    shown = f"--{name}" if isinstance(flag.default, bool) else f"--{name}={default}"
+    text = flag.help.splitlines()[0].rstrip(";")  # (absl appends a line to repeatable flags' help)
+    lines.append(f"  {shown:<26} {text}")
+  return "\n".join(lines)
+
+
+def version() -> str:
+  from importlib import metadata
+
+  from jaxlm import __version__
+
+  stack = ", ".join(f"{name} {metadata.version(name)}" for name in ("jax", "flax", "optax", "orbax-checkpoint"))
+  return f"jaxlm {__version__} ({stack})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,14 +304,20 @@ def main(argv: list[str] | None = None) -> int:
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(USAGE, end="")
     return 0 if argv else 2
+  if argv[0] in ("--version", "-V", "version"):
+    print(version())
+    return 0
   command, rest = argv[0], argv[1:]
   try:
     if command not in COMMANDS:
-      raise UserError(f"unknown command {command!r}", f"commands: {', '.join(COMMANDS)}")
+      raise UserError(f"unknown command {command!r}", f"commands: {', '.join(COMMANDS)}; see `jaxlm --help`")
+    if command in _DEFINES and any(a in ("-h", "--help", "-help") for a in rest):
+      print(flags_help(command))
+      return 0
     {"train": train, "prepare": prepare, "sample": sample, "eval": evaluate}[command](rest)
   except UserError as e:
     print(f"jaxlm: error: {e}", file=sys.stderr)
-    return 2
+    return e.exit_code
   except KeyboardInterrupt:
     print("jaxlm: interrupted", file=sys.stderr)
     return 130

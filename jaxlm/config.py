@@ -1,9 +1,13 @@
-"""The config schema with its defaults, and validation that fails with a clear error before any compile.
+"""The config schema: every key with its default, its domain and one line of description; validation
+that fails with a clear error before anything compiles.
 
 Every experiment file in configs/ starts from `base_config()` and changes what it needs, so a key a user
-can set on the command line (`--config.optim.lr=3e-4`) always exists, with a type.
+can set on the command line (`--config.optim.lr=3e-4`) always exists, with a type. `jaxlm train --help`
+prints SCHEMA.
 """
 
+import dataclasses
+import difflib
 import json
 import math
 
@@ -29,79 +33,119 @@ DEFAULT_RULES = (
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The values a numeric key may take: finite, above `low` (or at it, unless `open_low`), below `high`."""
+
+  low: float | None = None
+  high: float | None = None
+  open_low: bool = False
+  open_high: bool = False
+
+  def __contains__(self, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      return False
+    if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+      return False
+    return self.high is None or (value < self.high or (not self.open_high and value == self.high))
+
+  def __str__(self) -> str:
+    if self.high is None and self.low == 0:
+      return "positive" if self.open_low else "0 or more"
+    if self.high is None:
+      return f"{'above' if self.open_low else 'at least'} {self.low:g}"
+    return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+POSITIVE = Range(0, open_low=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, open_low=True, open_high=True)  # (0, 1)
+BELOW_ONE = Range(0, 1, open_high=True)  # [0, 1)
+ANY = None  # any value of the key's type
+
+# (key, default, domain: a Range, a tuple of choices or ANY, description). The one list of config keys.
+SCHEMA = (
+    ("seed", 0, NON_NEGATIVE, "seeds the parameters, the data order and dropout"),
+    ("init_from", "", ANY, "a workdir or WORKDIR/STEP whose parameters a fresh run starts from "
+     "(fine-tuning); a resume wins"),
+    ("data.path", "", ANY, "a UTF-8 text file or a `jaxlm prepare` store; empty: the built-in fairy tales"),
+    ("data.sequences", "windows", ("windows", "packed"),
+     "windows: random spans of the token stream | packed: whole documents end to end (a store)"),
+    ("data.loader_workers", 0, NON_NEGATIVE, "grain worker processes reading a store (0: background "
+     "threads only)"),
+    ("data.fairytale_bytes", 4_000_000, POSITIVE, "size of the built-in corpus"),
+    ("data.batch_size", 12, POSITIVE, "sequences per step, over all devices and processes"),
+    ("data.seq_len", 64, POSITIVE, "tokens per training sequence"),
+    ("data.val_fraction", 0.1, FRACTION, "validation = the last fraction of a text file"),
+    ("model.num_layers", 4, POSITIVE, "transformer blocks"),
+    ("model.num_heads", 4, POSITIVE, "attention heads"),
+    ("model.width", 128, POSITIVE, "residual stream width (d_model)"),
+    ("model.mlp_width", 512, POSITIVE, "hidden width of the MLP"),
+    ("model.max_seq_len", 256, POSITIVE, "positions the model supports (learned table size, RoPE limit)"),
+    ("model.vocab_size", 0, NON_NEGATIVE, "0: the tokenizer's vocabulary, padded to a multiple of 128"),
+    ("model.position", "rope", ("rope", "learned"), "rotary or learned absolute positions"),
+    ("model.rope_base", 10000.0, POSITIVE, "RoPE's frequency base"),
+    ("model.norm", "rmsnorm", ("rmsnorm", "layernorm"), "normalisation before each sublayer"),
+    ("model.mlp", "gelu", ("gelu", "swiglu"), "MLP kind"),
+    ("model.tie_embeddings", True, ANY, "the output projection is the input embedding"),
+    ("model.use_bias", False, ANY, "biases in linear layers and norms"),
+    ("model.dropout", 0.0, BELOW_ONE, "dropout rate in training"),
+    ("model.dtype", "float32", ("float32", "bfloat16"), "compute dtype of matmuls; parameters stay "
+     "float32"),
+    ("optim.lr", 1e-3, POSITIVE, "peak learning rate, reached at the end of warmup"),
+    ("optim.final_lr", 1e-4, NON_NEGATIVE, "learning rate the cosine reaches at the last step (at most "
+     "optim.lr)"),
+    ("optim.warmup_steps", 100, NON_NEGATIVE, "linear warmup steps (shortened, with a note, to a tenth "
+     "of a shorter run)"),
+    ("optim.b1", 0.9, BELOW_ONE, "AdamW's first-moment decay"),
+    ("optim.b2", 0.99, BELOW_ONE, "AdamW's second-moment decay"),
+    ("optim.eps", 1e-8, POSITIVE, "AdamW's epsilon"),
+    ("optim.weight_decay", 0.1, NON_NEGATIVE, "AdamW's decoupled weight decay (matrices only)"),
+    ("optim.clip_norm", 1.0, NON_NEGATIVE, "global gradient-norm clipping; 0 turns it off"),
+    ("optim.grad_accum", 1, POSITIVE, "microbatches per step (one update per step)"),
+    ("train.steps", 2000, POSITIVE, "optimizer steps of the whole run"),
+    ("train.eval_every", 250, POSITIVE, "steps between evaluations (and at the end)"),
+    ("train.eval_batches", 20, POSITIVE, "validation batches per evaluation: val_loss is an estimate "
+     "from this fixed sample, `jaxlm eval` reads every token"),
+    ("train.checkpoint_every", 500, POSITIVE, "steps between checkpoints (and at the end)"),
+    ("train.keep_checkpoints", 3, POSITIVE, "the newest K checkpoints are kept..."),
+    ("train.keep_best", True, ANY, "...and the one with the lowest val_loss (an evaluated checkpoint step)"),
+    ("train.log_every", 10, POSITIVE, "steps between training lines in metrics.jsonl and the console"),
+    ("train.sample_tokens", 200, NON_NEGATIVE, "tokens sampled from the model at the end of training; "
+     "0: none"),
+    ("train.sample_prompt", "\n", ANY, "the prompt of that sample"),
+    ("mesh.data", -1, ANY, "data-parallel size (-1: all remaining devices)"),
+    ("mesh.fsdp", 1, ANY, "FSDP size: parameters and optimizer state sharded over it"),
+    ("mesh.tensor", 1, ANY, "tensor-parallel size: heads, MLP and vocabulary sharded over it"),
+    ("mesh.rules", DEFAULT_RULES, ANY, "logical axis -> mesh axes table (see config.py)"),
+    ("mesh.cpu_devices", 0, NON_NEGATIVE, ">0: split the host CPU into this many JAX devices (a CPU "
+     "speed lever)"),
+)
+
+
 def base_config() -> ml_collections.ConfigDict:
+  """Every key of SCHEMA at its default."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.init_from = ""  # a workdir or WORKDIR/STEP: start from its parameters (fine-tuning); a resume wins
-
-  c.data = ml_collections.ConfigDict()
-  c.data.path = ""  # a UTF-8 text file or a `jaxlm prepare` store; empty: the built-in fairy tales
-  c.data.sequences = "windows"  # windows: random spans of the token stream | packed: whole documents (a store)
-  c.data.loader_workers = 0  # grain worker processes reading a store (0: background threads only)
-  c.data.fairytale_bytes = 4_000_000  # size of the built-in corpus
-  c.data.batch_size = 12  # global, over all devices and processes
-  c.data.seq_len = 64
-  c.data.val_fraction = 0.1  # validation = the last fraction of the text
-
-  c.model = ml_collections.ConfigDict()
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.width = 128
-  c.model.mlp_width = 512
-  c.model.max_seq_len = 256  # positions the model supports (learned table size, RoPE limit)
-  c.model.vocab_size = 0  # 0: the tokenizer's vocabulary, padded to a multiple of 128
-  c.model.position = "rope"  # rope | learned
-  c.model.rope_base = 10000.0
-  c.model.norm = "rmsnorm"  # rmsnorm | layernorm
-  c.model.mlp = "gelu"  # gelu | swiglu
-  c.model.tie_embeddings = True
-  c.model.use_bias = False
-  c.model.dropout = 0.0
-  c.model.dtype = "float32"  # compute dtype of matmuls; parameters stay float32
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-3  # peak learning rate, reached at the end of warmup
-  c.optim.final_lr = 1e-4  # reached by the cosine at the last step
-  c.optim.warmup_steps = 100
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.99
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.1
-  c.optim.clip_norm = 1.0  # global gradient norm; 0 turns clipping off
-  c.optim.grad_accum = 1  # microbatches per step (one update per step)
-
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 2000
-  c.train.eval_every = 250
-  c.train.eval_batches = 20
-  c.train.checkpoint_every = 500
-  c.train.keep_checkpoints = 3  # the newest K are kept...
-  c.train.keep_best = True  # ...and the one with the lowest val_loss (evaluated at a checkpoint step)
-  c.train.log_every = 10
-  c.train.sample_tokens = 200  # sampled from the model at the end of training; 0: none
-  c.train.sample_prompt = "\n"
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all remaining devices
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.mesh.rules = DEFAULT_RULES
-  c.mesh.cpu_devices = 0  # >0: split the host CPU into this many JAX devices (a CPU speed lever)
+  for key, default, _, _ in SCHEMA:
+    node = c
+    *sections, name = key.split(".")
+    for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    node[name] = default
   return c
 
 
-_CHOICES = {
-    "model.position": ("rope", "learned"),
-    "model.norm": ("rmsnorm", "layernorm"),
-    "model.mlp": ("gelu", "swiglu"),
-    "model.dtype": ("float32", "bfloat16"),
-    "data.sequences": ("windows", "packed"),
-}
-
-_POSITIVE = ("data.batch_size", "data.seq_len", "model.num_layers", "model.num_heads", "model.width",
-             "model.mlp_width", "model.max_seq_len", "optim.grad_accum", "train.steps",
-             "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.log_every",
-             "train.keep_checkpoints", "data.fairytale_bytes")
+def describe(c: ml_collections.ConfigDict) -> str:
+  """One line per key: its name, its value in `c` and its description (for `jaxlm train --help`)."""
+  lines = []
+  for key, _, domain, text in SCHEMA:
+    value = _get(c, key)
+    shown = f"({len(value)} entries)" if isinstance(value, tuple) and len(repr(value)) > 24 else repr(value)
+    allowed = f" [{'|'.join(domain)}]" if isinstance(domain, tuple) else ""
+    lines.append(f"  {key:<24} {shown:<14} {text}{allowed}")
+  return "\n".join(lines)
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str):
@@ -131,16 +175,62 @@ def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   return tuple(sizes)
 
 
+def check_keys(c: ml_collections.ConfigDict, source: str = "the config") -> None:
+  """Every key of `c` is one of SCHEMA's (a config file may not invent keys: a typo would be ignored)."""
+  known = {key for key, *_ in SCHEMA}
+  for key in sorted(flatten(c.to_dict())):
+    if key not in known:
+      raise UserError(f"{source} sets {key}, which is not a config key",
+                      f"see `jaxlm train --help` for the keys{suggest(key, known)}")
+
+
+def suggest(key: str, known) -> str:
+  """'; did you mean X?' for the known key most like `key`, or ''."""
+  close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+  return f"; did you mean {close[0]}?" if close else ""
+
+
+def _check_domains(c: ml_collections.ConfigDict) -> None:
+  for key, default, domain, _ in SCHEMA:
+    value = _get(c, key)
+    if isinstance(domain, tuple) and value not in domain:
+      raise UserError(f"{key} is {value!r}, not one of {', '.join(domain)}", f"set --config.{key}={domain[0]}")
+    if isinstance(domain, Range) and value not in domain:
+      raise UserError(f"{key} must be {domain}, got {value!r}", f"e.g. --config.{key}={default!r}")
+
+
+def check_utf8(what: str, text: str) -> None:
+  """Text from the command line must be UTF-8 (undecodable bytes arrive as lone surrogates)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+    shown = f"byte 0x{byte:02x}" if byte is not None else f"character U+{ord(text[e.start]):04X}"
+    raise UserError(f"{what} is not valid UTF-8 ({shown} at position {e.start})",
+                    "give the text in UTF-8, e.g. check your terminal's encoding") from None
+
+
+def _check_rules(rules) -> None:
+  for rule in rules:
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+    axes = rule[1] if ok else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if not ok or not isinstance(axes, (tuple, list)) or any(a not in MESH_AXES for a in axes):
+      raise UserError(f"mesh.rules has the entry {rule!r}; each is (logical name, None | mesh axis | "
+                      f"tuple of mesh axes) with mesh axes {', '.join(MESH_AXES)}",
+                      "e.g. ('embed', 'fsdp'); see DEFAULT_RULES in jaxlm/config.py")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """Checks everything that can be checked before data or compile; returns the mesh shape."""
-  for key in _POSITIVE:
-    if _get(c, key) <= 0:
-      raise UserError(f"{key} must be positive, got {_get(c, key)}", f"set --config.{key}=N with N > 0")
-  for key, choices in _CHOICES.items():
-    if _get(c, key) not in choices:
-      raise UserError(f"{key} is {_get(c, key)!r}, not one of {', '.join(choices)}",
-                      f"set --config.{key}={choices[0]}")
+  check_keys(c)
+  _check_domains(c)
+  _check_rules(c.mesh.rules)
+  check_utf8("train.sample_prompt", c.train.sample_prompt)
   m = c.model
+  if c.optim.final_lr > c.optim.lr:
+    raise UserError(f"optim.final_lr {c.optim.final_lr:g} is above the peak optim.lr {c.optim.lr:g}",
+                    f"set --config.optim.final_lr to at most {c.optim.lr:g}, e.g. a tenth of it")
   if m.width % m.num_heads:
     raise UserError(f"model.width {m.width} is not divisible by model.num_heads {m.num_heads}",
                     "choose a width that is a multiple of the number of heads")
@@ -150,17 +240,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
   if c.data.seq_len > m.max_seq_len:
     raise UserError(f"data.seq_len {c.data.seq_len} is longer than model.max_seq_len {m.max_seq_len}",
                     "shorten data.seq_len or raise model.max_seq_len")
-  if c.data.loader_workers < 0:
-    raise UserError(f"data.loader_workers must be 0 or more, got {c.data.loader_workers}",
-                    "e.g. --config.data.loader_workers=2")
-  if not 0.0 < c.data.val_fraction < 1.0:
-    raise UserError(f"data.val_fraction must be in (0, 1), got {c.data.val_fraction}",
-                    "e.g. --config.data.val_fraction=0.1")
-  if not 0.0 <= m.dropout < 1.0:
-    raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}", "e.g. --config.model.dropout=0.1")
-  if c.optim.warmup_steps >= c.train.steps:
-    raise UserError(f"optim.warmup_steps {c.optim.warmup_steps} is not below train.steps {c.train.steps}",
-                    "shorten the warmup or train longer")
   data, fsdp, tensor = shape = mesh_shape(c, num_devices)
   batch_shards = data * fsdp
   if c.data.batch_size % batch_shards:
@@ -180,6 +259,21 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
     raise UserError(f"model.width {m.width} is not divisible by mesh.fsdp {fsdp}",
                     "choose an FSDP size that divides the width")
   return shape
+
+
+def resolved(c: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A copy of `c` with what a run adjusts by itself, and one note per adjustment.
+
+  A warmup as long as the run (a quick `--config.train.steps=30` against a default warmup of 100) is
+  shortened to a tenth of the run rather than refused.
+  """
+  c, notes = c.copy_and_resolve_references(), []
+  if c.optim.warmup_steps >= c.train.steps:
+    short = c.train.steps // 10
+    notes.append(f"optim.warmup_steps {c.optim.warmup_steps} is not below train.steps {c.train.steps}: "
+                 f"warming up over {short} steps instead")
+    c.optim.warmup_steps = short
+  return c, notes
 
 
 # Keys that change the shapes of the parameters (or what a token means): a workdir's checkpoints only
@@ -202,6 +296,30 @@ def resume_changes(saved: dict, c: ml_collections.ConfigDict, workdir: str) -> l
                       f"{new.get(key)!r}, which changes the parameters' shapes",
                       f"drop --config.{key} to resume this run, or give a new --workdir to start fresh")
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+def config_from_json(saved: dict, source: str) -> ml_collections.ConfigDict:
+  """A workdir's config.json as a config; keys added to jaxlm since it was written keep their defaults."""
+  config, known = base_config(), {key for key, *_ in SCHEMA}
+  values = flatten(saved) if isinstance(saved, dict) else {"": saved}
+  for key, value in values.items():
+    if key not in known:
+      raise UserError(f"{source} has the key {key!r}, which this jaxlm does not know",
+                      "it was written by another jaxlm version; use that version, or train a new workdir")
+    current = _get(config, key)
+    if isinstance(current, tuple) and isinstance(value, list):  # JSON has lists, not tuples
+      value = _tuples(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if type(value) is not type(current):
+      raise UserError(f"{source}: {key} is {value!r}, not a {type(current).__name__}",
+                      "restore the file, or train again in a new workdir")
+    config.update_from_flattened_dict({key: value})
+  return config
+
+
+def _tuples(x):
+  return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -5,7 +5,8 @@ all of them at once, filling a static-shaped KV cache, and samples each row's fi
 the logits at its own last prompt position. Decoding then feeds one token per row per step at the
 row's own position (`lax.while_loop`, compiled once per shape): the cache is written there, and the
 query attends to every cached position up to it, so padding is never seen and is overwritten as the
-row grows. A row stops at EOS or after `max_new_tokens`; the loop stops when all rows have.
+row grows. A row stops at EOS or after `max_new_tokens`; the loop stops when all rows have. Logits
+that are not finite (parameters of a run that diverged) are an error, never a text of NUL bytes.
 
 Sampling: temperature (0 is greedy), then top-k, then top-p (the smallest set of most likely tokens
 whose probability reaches p). The random key of row r's j-th token is fold_in(fold_in(seed, sample
@@ -79,6 +80,12 @@ def choose(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_k, top_p) 
   return jnp.where(temperature == 0, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
 
 
+def positions_full(max_seq_len: int) -> str:
+  """What to say when a text stopped because the model's positions ran out (not at EOS)."""
+  return (f"(the text stops here: the model's {max_seq_len} positions, model.max_seq_len, are full; "
+          "generating past them is not supported yet)")
+
+
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
@@ -141,6 +148,9 @@ class Generator:
       state = prefill(self.params, self._put(tokens), self._put(lengths), self._put(keys),
                       jnp.int32(max_new_tokens), *settings)
       while True:
+        if bool(np.any(self._fetch(state["broken"]))):
+          raise UserError("the model's logits are not finite (NaN or inf): its parameters come from a run "
+                          "that diverged", "sample an earlier --step, or train again with a lower optim.lr")
         if on_tokens is not None:
           on_tokens(self._new_tokens(state, lengths))
         if int(state["n"]) >= max_new_tokens or bool(np.all(self._fetch(state["done"]))):
@@ -195,11 +205,12 @@ class Generator:
       last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
       step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys_B, 0)
       first_B = choose(last_BxV, step_keys, temperature, top_k, top_p)
+      broken_B = ~jnp.all(jnp.isfinite(last_BxV), axis=-1)
       out_BxW = jnp.zeros((b, width), jnp.int32).at[:, :padded].set(tokens_BxP)
       out_BxW = out_BxW.at[jnp.arange(b), lengths_B].set(first_B)
       done_B = (first_B == eos) | (max_new <= 1)
       return _replicated({"out": out_BxW, "pos": lengths_B, "done": done_B, "n": jnp.int32(1),
-                          "keys": keys_B, "cache": cache})
+                          "keys": keys_B, "cache": cache, "broken": broken_B})
 
     def decode(params, state, stop_at, max_new, temperature, top_k, top_p):
       model = nnx.merge(graphdef, params)
@@ -216,7 +227,9 @@ class Generator:
         pos_B = jnp.where(s["done"], s["pos"], s["pos"] + 1)
         out = jnp.where(s["done"][:, None], s["out"], s["out"].at[rows, pos_B].set(new_B))
         done_B = s["done"] | (new_B == eos) | (s["n"] + 1 >= max_new)
-        return {**s, "out": out, "pos": pos_B, "done": done_B, "n": s["n"] + 1, "cache": cache}
+        broken_B = s["broken"] | (~s["done"] & ~jnp.all(jnp.isfinite(logits_Bx1xV[:, 0]), axis=-1))
+        return {**s, "out": out, "pos": pos_B, "done": done_B, "n": s["n"] + 1, "cache": cache,
+                "broken": broken_B}
 
       return _replicated(jax.lax.while_loop(running, step, state))
 
@@ -225,5 +238,5 @@ class Generator:
 
 def _replicated(state: dict) -> dict:
   """Pins what the host reads (tokens, positions, flags) to every device; the cache stays as it is."""
-  pin = ("out", "pos", "done", "n")
+  pin = ("out", "pos", "done", "n", "broken")
   return {k: constrain(v, (None,) * v.ndim) if k in pin else v for k, v in state.items()}

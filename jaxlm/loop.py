@@ -1,14 +1,16 @@
-"""The training loop: the I/O edge around the pure train_step.
+"""The training loop: the I/O edge around the pure train_step, as labelled phases.
 
-It validates the config, loads data, builds the sharded state (or resumes it from the workdir),
-then drives train_step, evaluation, logging and checkpoints, and prints a sample at the end. A rerun
-on the same workdir continues exactly where the newest valid checkpoint left off.
+`run` validates the config, takes the workdir, loads the data, then a `Trainer` restores or
+initialises the sharded state, drives train_step with a step timer, evaluates, logs, and saves or stops
+per its checkpoint policy, and prints a sample at the end. A rerun on the same workdir continues exactly
+where the newest valid checkpoint left off. A non-finite loss, gradient norm or validation loss stops
+the run at that step (exit 3) with nothing non-finite saved.
 """
 
-import json
+import dataclasses
+import math
 import os
 import statistics
-import tempfile
 import time
 
 import jax
@@ -18,174 +20,254 @@ from flax import nnx
 
 from jaxlm import generate
 from jaxlm.checkpoint import Checkpoints, abstract_like, load_params, resolve_checkpoint
-from jaxlm.config import resume_changes, to_json, validate
-from jaxlm.data.text import load_data
+from jaxlm.config import resolved, resume_changes, to_json, validate
+from jaxlm.data.text import Corpus, load_data
 from jaxlm.data.tokenizer import padded_vocab_size, save_tokenizer
-from jaxlm.errors import UserError
+from jaxlm.errors import RunFailed, UserError
 from jaxlm.metrics import MetricsLog, Progress, flops_per_token, param_count
 from jaxlm.models.gpt import ModelConfig
 from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
 from jaxlm.preemption import StopSignals, stop_requested
 from jaxlm.train import compile_steps, plan_train_state
-
-
-def prepare_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise UserError(f"workdir {workdir} is not writable: {e.strerror}",
-                    "choose another --workdir or fix its permissions") from None
-
-
-def _saved_config(workdir: str) -> dict | None:
-  """The config of the run whose checkpoints are in `workdir`, or None if it has no checkpoints."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
-    return None
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None  # the checkpoints' own shapes are checked when they are restored
+from jaxlm.workdir import Workdir, saved_config
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict[str, float]:
   """Trains (or resumes) per `config` in `workdir`; returns the last training and evaluation metrics.
 
   SIGTERM or SIGINT stops it cleanly after the current step with a checkpoint saved there; the
-  returned dict then has `stopped_at`.
+  returned dict then has `stopped_at`. One run per workdir: a second one is a UserError.
   """
+  config, notes = resolved(config)
   shape = validate(config, jax.device_count())
-  prepare_workdir(workdir)
-  is_chief = jax.process_index() == 0
-  progress = Progress(config.train.steps, enabled=is_chief and not quiet)
-  if (saved := _saved_config(workdir)) is not None:
+  progress = Progress(config.train.steps, enabled=jax.process_index() == 0 and not quiet)
+  for note in notes:
+    progress.message(f"note: {note}")
+  with Workdir(workdir) as hold:
+    if hold.existed:
+      hold.lock()  # before reading what is there: another run may be writing it
+    _check_start(config, workdir, progress)
+    corpus = load_data(config.data)
+    model_config, token_bytes = model_for(config, corpus.tokenizer, tensor=shape[2])
+    hold.lock()  # (a new workdir is created only now, after the data and config checks)
+    mesh, rules = make_mesh(shape), tuple(config.mesh.rules)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), StopSignals() as signals:
+      trainer = Trainer(config, workdir, corpus, model_config, token_bytes, mesh, progress, signals)
+      return trainer.run()
+
+
+def _check_start(config, workdir: str, progress: Progress) -> None:
+  """Config changes against the run being resumed (a shape change is an error), or init_from's path."""
+  if (saved := saved_config(workdir)) is not None:
     if changes := resume_changes(saved, config, workdir):
       progress.message("resuming with changed settings: " + "; ".join(changes))
   elif config.init_from:
     resolve_checkpoint(config.init_from)  # a bad path fails now, not after the data is loaded
 
-  corpus = load_data(config.data)
-  tokenizer, val_tokens = corpus.tokenizer, corpus.val_tokens
+
+def model_for(config, tokenizer, tensor: int = 1) -> tuple[ModelConfig, np.ndarray]:
+  """The model's config for this tokenizer, and the bytes of text per token id (for bits per byte)."""
   model_config = ModelConfig.from_config(config.model, padded_vocab_size(tokenizer.vocab_size))
   if model_config.vocab_size < tokenizer.vocab_size:
     raise UserError(f"model.vocab_size {model_config.vocab_size} is smaller than the tokenizer's "
                     f"{tokenizer.vocab_size}", "set --config.model.vocab_size=0 to follow the tokenizer")
+  if model_config.vocab_size % tensor:
+    raise UserError(f"the vocabulary of {model_config.vocab_size} is not divisible by mesh.tensor {tensor}",
+                    "choose a tensor-parallel size that divides it, or set model.vocab_size")
   token_bytes = np.zeros(model_config.vocab_size, np.float32)
   token_bytes[: tokenizer.vocab_size] = tokenizer.token_bytes()
+  return model_config, token_bytes
 
-  mesh, rules = make_mesh(shape), tuple(config.mesh.rules)
-  c, b, t = config.train, config.data.batch_size, config.data.seq_len
-  batch_kwargs = dict(seq_len=t, batch_size=b, seed=config.seed, process_index=jax.process_index(),
-                      process_count=jax.process_count())
-  log = MetricsLog(workdir, enabled=is_chief)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), StopSignals() as signals:
-    setup, init, shardings = plan_train_state(config, model_config, token_bytes, mesh)
-    data = corpus.train_batches(workers=config.data.loader_workers, **batch_kwargs)
-    checkpoints = Checkpoints(workdir, c.keep_checkpoints, c.keep_best)
-    if restored := checkpoints.restore_latest(abstract_like(jax.eval_shape(init), shardings), data):
-      state, step = restored
-      data.step = step  # (what the saved iterator state says, unless saved by another number of processes)
-      log.drop_after(step)
-      progress.message(f"resumed from {checkpoints.directory}/{step}")
-      if config.init_from:
-        progress.message(f"(init_from={config.init_from} applies to a fresh run only; resuming)")
+
+@dataclasses.dataclass
+class StepTimer:
+  """Wall time per training step, leaving out the first (compile) and any evaluation or save."""
+
+  seconds: list[float] = dataclasses.field(default_factory=list)
+  saves: list[float] = dataclasses.field(default_factory=list)  # how long each save held up the loop
+  tick: float = dataclasses.field(default_factory=time.monotonic)
+  started: float | None = None  # when the first step had been dispatched
+
+  def stepped(self) -> float | None:
+    """Marks a step dispatched; returns the first step's compile-and-dispatch time, else None."""
+    now, first = time.monotonic(), None
+    if self.started is None:
+      self.started, first = now, now - self.tick
     else:
-      state = init()
-      if config.init_from:
-        params = load_params(config.init_from, abstract_like(state.params, shardings.params))
-        state = state.replace(params=params)
-        progress.message(f"parameters from {config.init_from}")
-    if is_chief:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(to_json(config))
-      save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer.json"))
-    progress.message(f"{corpus.source}: {corpus.train_count:,} training / {len(val_tokens):,} validation "
-                     f"tokens; model {param_count(model_config):,} parameters; mesh "
-                     f"data={shape[0]} fsdp={shape[1]} tensor={shape[2]} on {jax.device_count()} "
-                     f"{jax.devices()[0].platform} devices")
+      self.seconds.append(now - self.tick)
+    self.tick = now
+    return first
 
-    sharding = batch_sharding(mesh, rules)
-    train, evaluate = compile_steps(setup, shardings, sharding)
-    val_batches = [to_global_batch(x, sharding) for x in
-                   corpus.eval_batches(num_batches=c.eval_batches, **batch_kwargs)]
-    last: dict[str, float] = {}
+  def pause(self) -> None:
+    """Time since the last step is not training (evaluation, saving)."""
+    self.tick = time.monotonic()
 
-    def evaluate_now(step: int) -> None:
-      total = {}
-      for x in val_batches:  # fetched one by one: one program in flight, as in training
-        for k, v in jax.device_get(evaluate(state.params, x)).items():
-          total[k] = total.get(k, 0.0) + float(v)
-      val_loss = total["loss_sum"] / total["tokens"]
-      last.update(val_loss=val_loss, val_ppl=float(np.exp(val_loss)),
-                  val_bpb=total["loss_sum"] / (np.log(2) * max(total["bytes"], 1.0)))
-      log.write(step, val_loss=last["val_loss"], val_ppl=last["val_ppl"], val_bpb=last["val_bpb"])
-      progress.message(f"step {step:>6d}  val_loss {val_loss:.4f}  val_ppl {last['val_ppl']:.2f}  "
-                       f"val_bpb {last['val_bpb']:.4f}")
+  def median(self, last: int | None = None) -> float:
+    return statistics.median(self.seconds[-last:] if last else self.seconds) if self.seconds else math.nan
 
-    start = int(state.step)
-    step_seconds: list[float] = []
-    save_seconds: list[float] = []  # how long each save held up the loop
+
+class Trainer:
+  """One run's phases: restore-or-init, the step loop, evaluation, the checkpoint/stop policy, the end."""
+
+  def __init__(self, config, workdir: str, corpus: Corpus, model_config: ModelConfig, token_bytes, mesh,
+               progress: Progress, signals: StopSignals):
+    self.config, self.workdir, self.corpus, self.model_config = config, workdir, corpus, model_config
+    self.mesh, self.progress, self.signals = mesh, progress, signals
+    self.log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+    self.timer, self.last = StepTimer(), {}
+    c = config.train
+    self.batch_kwargs = dict(seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+                             seed=config.seed, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    self.setup, self.init, self.shardings = plan_train_state(config, model_config, token_bytes, mesh)
+    self.data = corpus.train_batches(workers=config.data.loader_workers, **self.batch_kwargs)
+    self.checkpoints = Checkpoints(workdir, c.keep_checkpoints, c.keep_best)
+    self.sharding = batch_sharding(mesh, tuple(config.mesh.rules))
+
+  def run(self) -> dict[str, float]:
+    try:
+      state = self.restore_or_init()
+      self.write_run_files()
+      start, steps = int(state.step), self.config.train.steps
+      if start >= steps:
+        self.progress.message(f"{self.workdir} holds a finished run: step {start} of train.steps={steps} "
+                              "(raise --config.train.steps to train on; `jaxlm sample` and `jaxlm eval` "
+                              "use it as it is)")
+        return {"finished_at": start}
+      self.train, self.evaluate = compile_steps(self.setup, self.shardings, self.sharding)
+      self.val_batches = [to_global_batch(x, self.sharding) for x in self.corpus.eval_batches(
+          num_batches=self.config.train.eval_batches, **self.batch_kwargs)]
+      state, stopped_at = self.steps(state)
+    finally:
+      self.checkpoints.close()  # pending saves are committed, also when the run stops with an error
+    return self.finish(state, stopped_at)
+
+  def restore_or_init(self):
+    """The newest valid checkpoint of the workdir, or a fresh state (from init_from's parameters)."""
+    abstract = abstract_like(jax.eval_shape(self.init), self.shardings)
+    if restored := self.checkpoints.restore_latest(abstract, self.data):
+      state, step = restored
+      self.data.step = step  # (what the saved iterator state says, unless saved by another number of processes)
+      self.log.drop_after(step)
+      self.progress.message(f"resumed from {self.checkpoints.directory}/{step}")
+      if self.config.init_from:
+        self.progress.message(f"(init_from={self.config.init_from} applies to a fresh run only; resuming)")
+      return state
+    state = self.init()
+    if self.config.init_from:
+      params, _ = load_params(self.config.init_from, abstract_like(state.params, self.shardings.params))
+      state = state.replace(params=params)
+      self.progress.message(f"parameters from {self.config.init_from}")
+    return state
+
+  def write_run_files(self) -> None:
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "config.json"), "w") as f:
+        f.write(to_json(self.config))
+      save_tokenizer(self.corpus.tokenizer, os.path.join(self.workdir, "tokenizer.json"))
+    shape = self.mesh.shape
+    self.progress.message(
+        f"{self.corpus.source}: {self.corpus.train_count:,} training / {len(self.corpus.val_tokens):,} "
+        f"validation tokens; model {param_count(self.model_config):,} parameters; mesh data={shape['data']} "
+        f"fsdp={shape['fsdp']} tensor={shape['tensor']} on {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices")
+
+  def steps(self, state):
+    """Steps from the state's step to train.steps; returns (state, the step a stop signal ended at)."""
+    c = self.config.train
     previous = None  # metrics of the step dispatched before this one
-    tick = time.monotonic()
-    for step in range(start, c.steps):
-      batch = to_global_batch(next(data), sharding)
-      state, metrics = train(state, batch)
-      # Keep one step in flight: wait for the previous one (on CPU meshes, an unbounded queue of
-      # collectives can deadlock; on accelerators this still overlaps host work with the device).
+    for step in range(int(state.step), c.steps):
+      state, metrics = self.train(state, to_global_batch(next(self.data), self.sharding))
       if previous is not None:
-        jax.block_until_ready(previous)
+        # Keep one step in flight: wait for the previous one (on CPU meshes, an unbounded queue of
+        # collectives can deadlock; on accelerators this still overlaps host work with the device).
+        self.check_finite(step, jax.device_get(previous), logged=False)
       previous = metrics
-      now = time.monotonic()
-      if step == start:
-        progress.message(f"first step compiled and dispatched in {now - tick:.1f} s")
-        loop_start = now
-      else:
-        step_seconds.append(now - tick)
-      tick = now
+      if (first := self.timer.stepped()) is not None:
+        self.progress.message(f"first step compiled and dispatched in {first:.1f} s")
       done = step + 1
       if done % c.log_every == 0 or done == c.steps:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        sec = statistics.median(step_seconds[-c.log_every:]) if step_seconds else float("nan")
-        values["tokens_per_sec"] = b * t / sec if step_seconds else 0.0
-        log.write(done, **values)
-        last.update(values)
-        progress.update(done, values["loss"], values["lr"], values["tokens_per_sec"], sec)
+        self.log_step(done, metrics)
       evaluated = done % c.eval_every == 0 or done == c.steps
       if evaluated:
-        evaluate_now(done)
-      stop = stop_requested(signals)
+        self.evaluate_now(done, state.params)
+      stop = stop_requested(self.signals)
       if done % c.checkpoint_every == 0 or done == c.steps or stop:
-        jax.block_until_ready(state)  # (waiting for the step is training; the save starts after it)
-        begin = time.monotonic()
-        checkpoints.save(done, state, data, val_loss=last["val_loss"] if evaluated else None)
-        save_seconds.append(time.monotonic() - begin)
+        self.save(done, state, metrics, evaluated)
       if evaluated or done % c.checkpoint_every == 0:
-        tick = time.monotonic()  # evaluation and saving are not training time
+        self.timer.pause()
       if stop:
-        last["stopped_at"] = done
-        break
-    if start < c.steps:
-      last["loop_seconds"] = time.monotonic() - loop_start  # after the first step, saves included
-    checkpoints.close()
-    if step_seconds:
-      sec = statistics.median(step_seconds)
-      flops = flops_per_token(model_config, t) * b * t / sec
-      last["step_seconds"] = sec
-      progress.message(f"median step {sec * 1e3:.1f} ms, {b * t / sec:,.0f} tokens/s, "
-                       f"{flops / 1e9:.1f} model GFLOP/s")
-    if len(save_seconds) > 1:  # the first save also sets orbax up
-      last["save_seconds"] = statistics.median(save_seconds[1:])
-    if "stopped_at" in last:
-      by = signals.received or "a signal to another process"
-      progress.message(f"stopped by {by} after step {last['stopped_at']}; checkpoint "
-                       f"saved; run the same command again to resume")
-      return last
-    if c.sample_tokens:
-      progress.message("sample:\n" + end_sample(config, tokenizer, setup, state.params, model_config, mesh))
-  return last
+        return state, done
+    return state, None
+
+  def log_step(self, step: int, metrics) -> None:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    sec = self.timer.median(self.config.train.log_every)
+    values["tokens_per_sec"] = self.config.data.batch_size * self.config.data.seq_len / sec if sec > 0 else 0.0
+    self.log.write(step, **values)
+    self.last.update(values)
+    self.progress.update(step, values["loss"], values["lr"], values["tokens_per_sec"], sec)
+    self.check_finite(step, values)
+
+  def evaluate_now(self, step: int, params) -> None:
+    """val_loss: an estimate from the fixed train.eval_batches batches (`jaxlm eval` reads every token)."""
+    total = {}
+    for x in self.val_batches:  # fetched one by one: one program in flight, as in training
+      for k, v in jax.device_get(self.evaluate(params, x)).items():
+        total[k] = total.get(k, 0.0) + float(v)
+    val_loss = total["loss_sum"] / total["tokens"]
+    values = {"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf,
+              "val_bpb": total["loss_sum"] / (np.log(2) * max(total["bytes"], 1.0))}
+    self.last.update(values)
+    self.log.write(step, **values)
+    self.progress.message(f"step {step:>6d}  val_loss {val_loss:.4f}  val_ppl {values['val_ppl']:.2f}  "
+                          f"val_bpb {values['val_bpb']:.4f}  (on {len(self.val_batches)} validation batches)")
+    self.check_finite(step, values)
+
+  def save(self, step: int, state, metrics, evaluated: bool) -> None:
+    self.check_finite(step, jax.device_get(metrics), logged=False)
+    jax.block_until_ready(state)  # (waiting for the step is training; the save starts after it)
+    begin = time.monotonic()
+    self.checkpoints.save(step, state, self.data, val_loss=self.last["val_loss"] if evaluated else None)
+    self.timer.saves.append(time.monotonic() - begin)
+
+  def check_finite(self, step: int, values: dict, logged: bool = True) -> None:
+    """Stops the run at the first step whose loss, gradient norm or validation loss is not finite
+    (with its line in metrics.jsonl, written now unless it was `logged`)."""
+    bad = {k: float(values[k]) for k in ("loss", "grad_norm", "val_loss")
+           if k in values and not math.isfinite(float(values[k]))}
+    if not bad:
+      return
+    if not logged:
+      self.log.write(step, **values)
+    self.checkpoints.wait(committed=True)
+    saved = [s for s in self.checkpoints.steps() if s < step]
+    resume = (f"rerunning resumes from the checkpoint of step {saved[-1]}" if saved
+              else "no checkpoint was saved; rerunning starts over")
+    found = ", ".join(f"{k} {v}" for k, v in bad.items())
+    raise RunFailed(f"training diverged at step {step}: {found}; nothing non-finite was saved",
+                    f"lower --config.optim.lr (now {self.config.optim.lr:g}), lengthen optim.warmup_steps "
+                    f"or keep optim.clip_norm on; {resume}")
+
+  def finish(self, state, stopped_at: int | None) -> dict[str, float]:
+    last, timer, b, t = self.last, self.timer, self.config.data.batch_size, self.config.data.seq_len
+    last["loop_seconds"] = time.monotonic() - timer.started  # after the first step, saves included
+    if timer.seconds:
+      sec = last["step_seconds"] = timer.median()
+      flops = flops_per_token(self.model_config, t) * b * t / sec
+      self.progress.message(f"median step {sec * 1e3:.1f} ms, {b * t / sec:,.0f} tokens/s, "
+                            f"{flops / 1e9:.1f} model GFLOP/s")
+    if len(timer.saves) > 1:  # the first save also sets orbax up
+      last["save_seconds"] = statistics.median(timer.saves[1:])
+    if stopped_at is not None:
+      last["stopped_at"] = stopped_at
+      by = self.signals.received or "a signal to another process"
+      self.progress.message(f"stopped by {by} after step {stopped_at}; checkpoint saved; run the same "
+                            "command again to resume")
+    elif self.config.train.sample_tokens:
+      self.progress.message("sample:\n" + end_sample(self.config, self.corpus.tokenizer, self.setup,
+                                                     state.params, self.model_config, self.mesh))
+    return last
 
 
 def end_sample(config, tokenizer, setup, params, model_config, mesh) -> str:
@@ -196,7 +278,10 @@ def end_sample(config, tokenizer, setup, params, model_config, mesh) -> str:
   room = generator.room(len(prompt))
   if room < 1 or len(prompt) == 0:
     return f"(no room after a prompt of {len(prompt)} tokens in {model_config.max_seq_len} positions)"
-  new = generator.generate([prompt], max_new_tokens=min(config.train.sample_tokens, room),
-                           sampling=generate.Sampling(temperature=0.8), seed=config.seed)[0]
-  return config.train.sample_prompt + tokenizer.decode(new)
-  return last
+  wanted = min(config.train.sample_tokens, room)
+  new = generator.generate([prompt], max_new_tokens=wanted, sampling=generate.Sampling(temperature=0.8),
+                           seed=config.seed)[0]
+  text = config.train.sample_prompt + tokenizer.decode(new)
+  if len(new) == room < config.train.sample_tokens:
+    text += "\n" + generate.positions_full(model_config.max_seq_len)
+  return text

@@ -40,9 +40,11 @@ class MetricsLog:
     self.enabled = enabled
 
   def write(self, step: int, **values: float) -> None:
+    """One line; a non-finite value is written as null (the file stays strict JSON)."""
     if self.enabled:
+      row = {k: float(v) if math.isfinite(float(v)) else None for k, v in values.items()}
       with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        f.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
 
   def drop_after(self, step: int) -> int:
     """Removes the lines of steps after `step` (written by a run that then died); returns how many.

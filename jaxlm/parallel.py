@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from flax.core import spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -71,6 +72,13 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 def to_global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """This process's rows -> global jax.Arrays laid out over the mesh (works for one or many hosts)."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def all_agree(ok: bool) -> bool:
+  """True on every process only if `ok` on every process (one small allgather when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 def initialize_distributed() -> None:

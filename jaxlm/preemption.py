@@ -10,9 +10,7 @@ import signal
 import sys
 import threading
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
+from jaxlm.parallel import all_agree
 
 
 class StopSignals:
@@ -49,7 +47,4 @@ class StopSignals:
 
 def stop_requested(signals: StopSignals) -> bool:
   """Whether to stop after the current step; the same answer on every process."""
-  local = signals.received is not None
-  if jax.process_count() == 1:
-    return local
-  return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+  return not all_agree(signals.received is None)

@@ -3,8 +3,11 @@
   python launch/local.py --processes=2 --devices=2 -- train --config=configs/default.py --workdir=runs/mp
 
 Each process gets `--devices` CPU devices and joins through JAX's distributed runtime on 127.0.0.1.
+Process 0 prints to the terminal; process i > 0 writes to LOGS/launch-<i>.log, LOGS being `--logs`, else
+WORKDIR/logs for a command with --workdir, else a new temporary folder (the launcher names it).
 SIGTERM and SIGINT are forwarded to every process (they agree on a step, save there and exit 0).
-Process 0 prints to the terminal; process i>0 writes WORKDIR-less logs to launch-<i>.log here.
+When a process fails (a non-zero exit, or killed), the launcher names it, ends the others at once
+(SIGTERM, then SIGKILL after a few seconds) and exits non-zero; rerunning the command resumes.
 """
 
 import argparse
@@ -13,6 +16,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+
+GRACE_SECONDS = 5  # between the SIGTERM and the SIGKILL that end the survivors of a failed process
 
 
 def free_port() -> int:
@@ -21,25 +28,79 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def logs_folder(given: str | None, command: list[str]) -> str:
+  """Where the logs of processes 1..N-1 go: --logs, else WORKDIR/logs, else a new temporary folder."""
+  if given:
+    folder = given
+  else:
+    workdirs = [a.split("=", 1)[1] for a in command if a.startswith("--workdir=")]
+    folder = os.path.join(workdirs[-1], "logs") if workdirs else tempfile.mkdtemp(prefix="jaxlm-launch-")
+  os.makedirs(folder, exist_ok=True)
+  return folder
+
+
+def start(command: list[str], processes: int, devices: int, logs: str) -> list[subprocess.Popen]:
+  port = free_port()
+  procs = []
+  for i in range(processes):
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+               JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    out = None if i == 0 else open(os.path.join(logs, f"launch-{i}.log"), "w")  # noqa: SIM115
+    # Each in its own process group: a terminal's Ctrl-C reaches the launcher alone, which forwards it
+    # once (twice would abort the run without saving).
+    procs.append(subprocess.Popen([sys.executable, "-m", "jaxlm.cli", *command], env=env, process_group=0,
+                                  stdout=out, stderr=subprocess.STDOUT if out else None))
+  return procs
+
+
+def how(code: int) -> str:
+  return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+
+def supervise(procs: list[subprocess.Popen], logs: str) -> int:
+  """Waits for every process; the first that fails ends the others. Returns the launcher's exit code."""
+  while True:
+    codes = [p.poll() for p in procs]
+    failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+    if failed:
+      i, code = failed[0]
+      where = "" if i == 0 else f" (its log: {os.path.join(logs, f'launch-{i}.log')})"
+      print(f"launch: process {i} of {len(procs)} {how(code)}{where}; ending the others",
+            file=sys.stderr, flush=True)
+      end(procs)
+      return code if code > 0 else 128 - code
+    if all(code == 0 for code in codes):
+      return 0
+    time.sleep(0.05)
+
+
+def end(procs: list[subprocess.Popen]) -> None:
+  for p in procs:
+    if p.poll() is None:
+      p.send_signal(signal.SIGTERM)
+  deadline = time.monotonic() + GRACE_SECONDS
+  for p in procs:
+    try:
+      p.wait(timeout=max(deadline - time.monotonic(), 0.01))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait()
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--processes", type=int, default=2)
   parser.add_argument("--devices", type=int, default=1, help="CPU devices per process")
-  parser.add_argument("--logs", default=".", help="folder for the logs of processes 1..N-1")
+  parser.add_argument("--logs", default=None, help="folder for the logs of processes 1..N-1 "
+                      "(default: WORKDIR/logs)")
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- jaxlm arguments")
   args = parser.parse_args()
   command = args.command[1:] if args.command[:1] == ["--"] else args.command
   if args.processes < 1 or args.devices < 1 or not command:
     parser.error("need --processes >= 1, --devices >= 1 and a jaxlm command after --")
-  port = free_port()
-  procs = []
-  for i in range(args.processes):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JAX_NUM_PROCESSES=str(args.processes), JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
-    out = None if i == 0 else open(os.path.join(args.logs, f"launch-{i}.log"), "w")  # noqa: SIM115
-    procs.append(subprocess.Popen([sys.executable, "-m", "jaxlm.cli", *command], env=env,
-                                  stdout=out, stderr=subprocess.STDOUT if out else None))
+  logs = logs_folder(args.logs, command)
+  procs = start(command, args.processes, args.devices, logs)
 
   def forward(signum, frame):
     for p in procs:
@@ -47,8 +108,7 @@ def main() -> int:
         p.send_signal(signum)
   signal.signal(signal.SIGTERM, forward)
   signal.signal(signal.SIGINT, forward)
-  codes = [p.wait() for p in procs]
-  return max(codes, key=abs)
+  return supervise(procs, logs)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,10 @@ from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
 from jaxlm.train import compile_steps, plan_train_state
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A finished 6-step run on 8 devices with checkpoints at steps 3 and 6."""
-  workdir = tmp_path_factory.mktemp("trained")
-  config = tiny_config()
-  config.mesh.data = -1
-  loop.run(config, str(workdir), quiet=True)
-  return config, workdir
+@pytest.fixture
+def trained(trained_run):
+  """The shared finished 6-step run on 8 devices (conftest.py), checkpoints at steps 3 and 6."""
+  return trained_run.config, trained_run.workdir
 
 
 def restore_latest(config, workdir, mesh_shape=(8, 1, 1), devices=None):
@@ -190,10 +186,10 @@ def test_the_cli_reports_a_config_conflict_in_one_line(trained, capsys):
 
 
 def test_more_steps_and_another_mesh_may_change_on_resume(trained, tmp_path, capsys):
-  _, workdir = trained
+  config, workdir = trained
   copy = tmp_path / "w"
   shutil.copytree(workdir, copy)
-  longer = tiny_config()
+  longer = config.copy_and_resolve_references()
   longer.mesh.data, longer.mesh.tensor, longer.train.steps = 4, 2, 7
   capsys.readouterr()
   result = loop.run(longer, str(copy))
@@ -213,9 +209,9 @@ def test_init_from_loads_parameters_only_and_starts_at_step_zero(trained, tmp_pa
                                           np.ones(384), mesh)
     abstract = abstract_like(jax.eval_shape(init).params, shardings.params)
     for path in (workdir, workdir / "6", workdir / "checkpoints" / "6"):
-      params = load_params(str(path), abstract)
+      params, _ = load_params(str(path), abstract)
       assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved.params)))
-    params = load_params(str(workdir / "3"), abstract)
+    params, _ = load_params(str(workdir / "3"), abstract)
     assert not np.array_equal(jax.tree.leaves(params)[0], jax.tree.leaves(saved.params)[0])
 
   tuned = tiny_config()

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from conftest import tiny_config
+
 from jaxlm import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,11 +86,55 @@ def test_bad_value_type(capsys, tmp_path):
 
 
 def test_unknown_flag(capsys, tmp_path):
-  assert_one_line_error(*train(capsys, tmp_path, "--bogus=1"), "Unknown command line flag 'bogus'")
+  assert_one_line_error(*train(capsys, tmp_path, "--bogus=1"), "unknown flag --bogus")
 
 
 def test_missing_config_file(capsys, tmp_path):
-  assert_one_line_error(*train(capsys, tmp_path, config=tmp_path / "none.py"), "cannot load config")
+  assert_one_line_error(*train(capsys, tmp_path, config=tmp_path / "none.py"), "none.py does not exist")
+  assert_one_line_error(*train(capsys, tmp_path, config="missing.py"), "config file missing.py does not exist")
+
+
+def write_config(tmp_path, body):
+  path = tmp_path / "exp.py"
+  path.write_text("from jaxlm.config import base_config\n\n\n" + body)
+  return path
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("def get_config(:\n  pass\n", "exp.py:4: syntax error: invalid syntax"),
+    ("def get_config():\n  c = base_config()\n  raise ValueError('set the width first')\n",
+     "exp.py:6: get_config() raised ValueError: set the width first"),
+    ("import nonexistent_module\n", "exp.py:4: running it raised ModuleNotFoundError: No module named"),
+    ("def get_config():\n  c = base_config()\n  c.model.widht = 64\n  return c\n",
+     "exp.py sets model.widht, which is not a config key"),
+    ("def get_config():\n  c = base_config()\n  c.train.steps = 'many'\n  return c\n",
+     "exp.py:6: get_config() raised TypeError"),
+    ("def get_config():\n  return {'model': {}}\n", "get_config() in"),
+    ("CONFIG = 1\n", "has no get_config() function"),
+])
+def test_a_broken_config_file_is_one_line_naming_file_and_line(capsys, tmp_path, body, fragment):
+  assert_one_line_error(*train(capsys, tmp_path, config=write_config(tmp_path, body)), fragment)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("--config.model.widht=64", "unknown config key model.widht (see `jaxlm train --help` for the keys; did "
+     "you mean model.width?)"),
+    ("--config.train.steps=3.5", "--config.train.steps=3.5: train.steps takes an integer"),
+    ("--config.model.tie_embeddings=maybe", "model.tie_embeddings takes true or false"),
+    ("--config.optim.lr=fast", "optim.lr takes a number"),
+    ("--config.mesh.rules=((", "mesh.rules takes a Python tuple literal"),
+    ("--config.model=3", "--config.model names a section, not a key"),
+    ("--config.model.width", "--config.model.width has no value"),
+])
+def test_bad_overrides(capsys, tmp_path, override, fragment):
+  assert_one_line_error(*train(capsys, tmp_path, override), fragment)
+
+
+def test_an_integer_written_as_a_float_is_accepted():
+  from jaxlm.configfile import apply_overrides
+
+  config = apply_overrides(tiny_config(), [("train.steps", "1e4"), ("model.use_bias", "True")])
+  assert config.train.steps == 10000 and config.model.use_bias is True
 
 
 def test_missing_workdir(capsys):
@@ -102,11 +148,28 @@ def test_unknown_command(capsys):
 @pytest.mark.parametrize("override, fragment", [
     ("--config.model.dtype=float16", "model.dtype is 'float16'"),
     ("--config.train.steps=0", "train.steps must be positive"),
-    ("--config.optim.warmup_steps=10", "optim.warmup_steps 10 is not below train.steps 3"),
     ("--config.data.val_fraction=1.5", "data.val_fraction must be in (0, 1)"),
     ("--config.model.dropout=1.0", "model.dropout must be in [0, 1)"),
     ("--config.data.loader_workers=-1", "data.loader_workers must be 0 or more"),
     ("--config.model.vocab_size=128", "model.vocab_size 128 is smaller than the tokenizer's 260"),
+    # Numeric keys out of their domain (each trained or crashed before):
+    ("--config.optim.lr=0", "optim.lr must be positive, got 0.0"),
+    ("--config.optim.lr=-1e-3", "optim.lr must be positive"),
+    ("--config.optim.lr=nan", "optim.lr must be positive, got nan"),
+    ("--config.optim.lr=inf", "optim.lr must be positive, got inf"),
+    ("--config.optim.final_lr=0.1", "optim.final_lr 0.1 is above the peak optim.lr 0.002"),
+    ("--config.optim.b1=1.0", "optim.b1 must be in [0, 1), got 1.0"),
+    ("--config.optim.b2=-0.5", "optim.b2 must be in [0, 1)"),
+    ("--config.optim.eps=0", "optim.eps must be positive"),
+    ("--config.optim.clip_norm=-1", "optim.clip_norm must be 0 or more"),
+    ("--config.optim.weight_decay=nan", "optim.weight_decay must be 0 or more, got nan"),
+    ("--config.optim.warmup_steps=-1", "optim.warmup_steps must be 0 or more"),
+    ("--config.model.rope_base=0", "model.rope_base must be positive"),
+    ("--config.seed=-1", "seed must be 0 or more"),
+    ("--config.train.sample_tokens=-5", "train.sample_tokens must be 0 or more"),
+    ("--config.mesh.cpu_devices=-2", "mesh.cpu_devices must be 0 or more"),
+    ("--config.mesh.rules=(('embed','pipeline'),)", "mesh.rules has the entry ('embed', 'pipeline')"),
+    ("--config.train.sample_prompt=\udcff", "train.sample_prompt is not valid UTF-8 (byte 0xff at position 0)"),
 ])
 
 
@@ -116,6 +179,8 @@ def test_other_bad_values(capsys, tmp_path, override, fragment):
 
 @pytest.mark.parametrize("overrides, fragment", [
     (("--config.model.width=132", "--config.model.num_heads=4"), "RoPE needs an even head width, got 33"),
+    (("--config.mesh.data=4", "--config.mesh.tensor=2", "--config.model.vocab_size=301"),
+     "the vocabulary of 301 is not divisible by mesh.tensor 2"),
     (("--config.mesh.data=1", "--config.mesh.tensor=8"), "model.num_heads 4 is not divisible by mesh.tensor 8"),
     (("--config.model.width=132", "--config.model.position=learned", "--config.mesh.data=1",
       "--config.mesh.fsdp=8"), "model.width 132 is not divisible by mesh.fsdp 8"),
@@ -128,3 +193,16 @@ def test_cpu_devices_after_jax_started_is_a_clear_error(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS")  # JAX has long started in this test process
   with pytest.raises(cli.UserError, match="mesh.cpu_devices=2 cannot be applied: JAX has already started"):
     cli._set_cpu_devices(2)
+
+
+def test_prepare_output_under_a_regular_file(capsys, tmp_path):
+  (tmp_path / "doc.txt").write_text("some text to tokenize " * 10)
+  (tmp_path / "notes").write_text("a file, not a folder")
+  assert_one_line_error(*run_cli(capsys, "prepare", f"--input={tmp_path / 'doc.txt'}",
+                                 f"--output={tmp_path / 'notes' / 'store'}"), "which is a file")
+
+
+def test_sample_prompt_that_is_not_utf8(capsys, tmp_path):
+  # Python hands undecodable argv bytes over as lone surrogates (PEP 383): b"ab\xff" -> "ab\udcff".
+  assert_one_line_error(*run_cli(capsys, "sample", f"--workdir={tmp_path}", "--prompt=ab\udcff"),
+                        "--prompt is not valid UTF-8 (byte 0xff at position 2)")

@@ -12,7 +12,7 @@ from conftest import ROOT, tiny_config
 from flax import nnx
 
 import jaxlm
-from jaxlm import cli, loop
+from jaxlm import cli
 from jaxlm.data.prepare import prepare
 from jaxlm.errors import UserError
 
@@ -20,13 +20,9 @@ TEXT = "The fox and the crow sat in the old oak tree, and the crow sang. " * 12
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("trained")
-  config = tiny_config()
-  config.mesh.data = -1
-  config.train.sample_prompt = "Once"
-  loop.run(config, str(path), quiet=True)
-  return str(path)
+def workdir(trained_run):
+  """The shared finished run (conftest.py): sample_prompt "Once", 32 positions."""
+  return str(trained_run.workdir)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +124,9 @@ def test_eval_counts_every_token_once_and_matches_the_model(workdir, run, tmp_pa
   assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
   assert result["bits_per_byte"] == pytest.approx(loss / math.log(2), rel=1e-4)  # bytes: 1 token, 1 byte
   code, out, _ = cli_run(capsys, "eval", f"--workdir={workdir}")
-  assert code == 0 and out.startswith("built-in fairy tales (validation) at step 6: loss ")
+  # Named apart from training's val_loss (a fixed sample of windows) in the output itself:
+  assert code == 0 and out.startswith("built-in fairy tales (validation) at step 6, every token (")
+  assert "training's val_loss is an estimate of this from 2 batches of windows" in out
 
 
 def test_eval_reads_a_store_with_the_runs_tokenizer_only(workdir, run, tmp_path):

@@ -264,8 +264,12 @@ def _start_output(output: str) -> str:
     store.open_kvstore(output).write(store.META, None).result()
     return output
   parent = os.path.dirname(os.path.abspath(output))
-  os.makedirs(parent, exist_ok=True)
-  return tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output)) + ".partial-", dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output)) + ".partial-", dir=parent)
+  except OSError as e:  # a file where a folder should be, no permission, a read-only filesystem
+    raise UserError(f"cannot create --output={output}: {e.strerror} ({e.filename})",
+                    "give a path in a writable folder") from None
 
 
 def _commit(output: str, target: str, tok, meta: dict) -> dict:
@@ -288,6 +292,11 @@ def _check_output(output: str, overwrite: bool) -> None:
     exists = os.path.exists(output) and (not os.path.isdir(output) or bool(os.listdir(output)))
     if os.path.exists(output) and not os.path.isdir(output):
       raise UserError(f"--output={output} is a file", "give a folder path for the store")
+    above = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(above):
+      above = os.path.dirname(above)
+    if not os.path.isdir(above):
+      raise UserError(f"--output={output} is under {above}, which is a file", "give a path in a folder")
   if exists and not overwrite:
     raise UserError(f"--output={output} already exists", "add --overwrite to replace it, or choose another path")
 

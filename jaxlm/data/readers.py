@@ -100,7 +100,7 @@ def list_inputs(paths: list[str]) -> list[str]:
   return out
 
 
-def _decode_utf8(data: bytes | memoryview, *, strict: bool, where: str, offset: int = 0) -> tuple[str, int]:
+def decode_utf8(data: bytes | memoryview, *, strict: bool, where: str, offset: int = 0) -> tuple[str, int]:
   """(text, number of invalid sequences replaced by U+FFFD); `where` and `offset` (the file offset of
   data[0]) name the first bad byte when `strict`."""
   if strict:
@@ -147,7 +147,7 @@ def _text_document(path: str, strict: bool, stats: ReadStats) -> str:
   raw = _read_whole(path)
   stats.bytes += len(raw)
   start = len(_BOM) if raw.startswith(_BOM) else 0
-  text, replaced = _decode_utf8(memoryview(raw)[start:], strict=strict, where=path, offset=start)
+  text, replaced = decode_utf8(memoryview(raw)[start:], strict=strict, where=path, offset=start)
   stats.replaced += replaced
   return text
 
@@ -186,7 +186,7 @@ def _jsonl_documents(path: str, field: str, strict: bool, stats: ReadStats) -> I
     if not line[skip:].strip():
       continue
     body = line[skip:].rstrip(b"\r\n")  # so a JSON error at the end of the line gets a column on it
-    text, replaced = _decode_utf8(body, strict=strict, where=path, offset=offset + skip)
+    text, replaced = decode_utf8(body, strict=strict, where=path, offset=offset + skip)
     stats.replaced += replaced
     doc = _json_text(path, number, text, field)
     if b"\\u" in line:

@@ -15,13 +15,15 @@ from jaxlm.data.fairytales import generate_fairy_tales
 from jaxlm.data.packing import Packer
 from jaxlm.data.store import TokenStore, is_store
 from jaxlm.data.tokenizer import ByteTokenizer, load_tokenizer_json
-from jaxlm.errors import UserError
+from jaxlm.data.readers import decode_utf8
+from jaxlm.errors import UserError, warn
 
 _VAL_STREAM = 1  # separates the validation window stream from the training one
 
 
 def read_text(path: str) -> str:
-  """A UTF-8 text file; bad bytes become U+FFFD rather than stopping a long run."""
+  """A UTF-8 text file. A few bad bytes become U+FFFD (counted in a warning) rather than stopping a
+  long run; a file that is not text (NUL bytes, mostly invalid UTF-8: a binary, UTF-16) is refused."""
   if not os.path.exists(path):
     raise UserError(f"data file {path} does not exist", "check --config.data.path")
   try:
@@ -31,7 +33,15 @@ def read_text(path: str) -> str:
     raise UserError(f"cannot read data file {path}: {e.strerror}", "check its permissions") from None
   if not raw.strip():
     raise UserError(f"data file {path} is empty", "give a file with text in it")
-  return raw.decode("utf-8", errors="replace")
+  text, replaced = decode_utf8(raw, strict=False, where=path)
+  nul = raw.count(0)
+  if nul * 100 > len(raw) or replaced * 10 > len(raw):  # text has no NULs and few bad sequences
+    raise UserError(f"data file {path} is not UTF-8 text: {nul:,} NUL bytes and {replaced:,} invalid UTF-8 "
+                    f"sequences in {len(raw):,} bytes", "give a UTF-8 text file (`iconv -t utf-8` converts)")
+  if replaced:
+    warn(f"data file {path}: {replaced:,} invalid UTF-8 sequences replaced by U+FFFD "
+         "(`jaxlm prepare --strict_utf8` finds them)")
+  return text
 
 
 @dataclasses.dataclass
