@@ -2,14 +2,17 @@
 
 Each step holds the TrainState (`state/`, orbax, saved asynchronously) and the data iterator's state
 of every process (`data/`). Orbax writes a step into a temporary folder and renames it on commit;
-just before the rename, process 0 seals it with `jaxlm-manifest.json`: the size of every file (for
-the step-level metadata that orbax rewrites on commit, only that it exists).
+just before the rename, process 0 seals it with `jaxlm-manifest.json`: the size and CRC-32 of every
+file (for the step-level metadata that orbax rewrites on commit, only that it exists). A state that
+is not finite is never saved; a save that fails for a full disk or a folder it cannot write is one
+line (storage_errors.py), and the partial step is set aside at the next start.
 
 Orbax itself does not validate step folders, so restoring checks the newest step first: a step whose
-files do not match its manifest, whose metadata is missing, or whose arrays fail to read is reported
-in one warning naming its step and moved aside to `<step>.damaged` (nothing is deleted, and the step
-number is free for training to save again); the next newest valid step is used instead. Only the
-keep policy (the newest K, plus the best by validation loss) ever deletes a checkpoint.
+files do not match its manifest (sizes, checksums), or that fails to read or decode, is reported in
+one warning naming its step and moved aside to `<step>.damaged` (nothing is deleted, and the step
+number is free for training to save again); the next newest valid step is used instead. A transient
+storage error is retried; anything else (an out-of-memory, a bug of ours) raises and moves nothing.
+Only the keep policy (the newest K, plus the best by validation loss) ever deletes a checkpoint.
 
 Restoring onto abstract arrays that carry the current mesh's shardings reshards, so a run saved on
 one mesh or device count continues on another.
@@ -19,7 +22,10 @@ import glob
 import json
 import math
 import os
+import shutil
 import threading
+import time
+import zlib
 
 import grain
 import jax
@@ -29,11 +35,16 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
-from jaxlm.errors import RunFailed, UserError, warn
+from jaxlm import storage_errors
+from jaxlm.errors import RunFailed, UserError, first_line, warn
 from jaxlm.parallel import all_agree
 
 MANIFEST = "jaxlm-manifest.json"
 _TMP = ".orbax-checkpoint-tmp"
+
+
+RETRIES = 4  # reads of a step that fail transiently (the storage did not answer) are tried this often
+RETRY_SECONDS = 2.0  # the first wait between tries; it doubles
 
 
 class Checkpoints:
@@ -41,9 +52,11 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int, keep_best: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self._saving: int | None = None
+    self._saving: int | None = None  # the step being saved (the seal callback needs it)
+    self._bytes = 0  # its size
     self._thread: threading.Thread | None = None
     self._error: BaseException | None = None
+    self._reported: BaseException | None = None
     policies = [keep_policy.LatestN(n=keep)]
     if keep_best:
       policies.append(keep_policy.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
@@ -52,7 +65,12 @@ class Checkpoints:
         preservation_policy=keep_policy.AnyPreservationPolicy(policies),
         best_fn=_val_loss, best_mode="min",  # (makes orbax write the metrics, so a restart knows them)
         enable_async_checkpointing=True, create=True,
-        async_options=ocp.AsyncOptions(post_finalization_callback=self._seal))
+        # Synchronous folder creation: a full disk or a read-only folder is an error at once, not a
+        # 300 s wait for a signal that the failed creation never sends (measured).
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._seal,
+                                       create_directories_asynchronously=False))
+    self._manager = None
+    self._set_aside_before_orbax()
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
 
   def steps(self) -> list[int]:
@@ -66,8 +84,9 @@ class Checkpoints:
     orbax. Only this thread touches the devices: on CPU meshes, device work from a second thread
     can starve a collective of threads and hang. With several processes, whose arrays span hosts,
     orbax copies each process's shards off the devices here, then writes in its own background
-    thread. `val_loss` (measured at this step) ranks the step for the keep-best policy. A step that
-    is already saved is left as it is (returns False).
+    thread. Either way a background thread waits for the commit, so a failure shows at `check()`.
+    `val_loss` (measured at this step) ranks the step for the keep-best policy. A step that is
+    already saved is left as it is (returns False); a state that is not finite is never saved.
     """
     self.wait()
     if step in self._manager.all_steps():
@@ -77,80 +96,129 @@ class Checkpoints:
                       "lower --config.optim.lr; the checkpoints saved before are intact")
     data = _Position(data_iterator.get_state())
     metrics = {"step": step} if val_loss is None else {"step": step, "val_loss": float(val_loss)}
+    self._saving, self._bytes = step, sum(x.nbytes for x in jax.tree.leaves(state))
     if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(state)):
       host = jax.tree.map(lambda x: np.array(x, copy=True), state)
-      self._thread = threading.Thread(target=self._save, args=(step, host, data, metrics),
-                                      name=f"jaxlm-save-{step}", daemon=True)
-      self._thread.start()
+      self._in_background(lambda: self._hand_over(step, host, data, metrics))
     else:
-      self._save(step, state, data, metrics)
-      self.wait()
+      try:
+        self._hand_over(step, state, data, metrics)
+      except Exception as e:  # noqa: BLE001 - raised (classified) by wait(), as a background failure is
+        self._error = e
+      self._in_background(lambda: None)
     return True
 
-  def _save(self, step: int, tree, data, metrics) -> None:
-    try:
-      self._manager.wait_until_finished()  # the seal callback needs to know which step it seals
-      self._saving = step
-      args = ocp.args.Composite(state=ocp.args.PyTreeSave(tree),
-                                data=grain.checkpoint.CheckpointSave(data))
-      self._manager.save(step, args=args, metrics=metrics)
-    except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by wait()
-      self._error = e
+  def _hand_over(self, step: int, tree, data, metrics) -> None:
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(tree), data=grain.checkpoint.CheckpointSave(data))
+    self._manager.save(step, args=args, metrics=metrics)
+
+  def _in_background(self, work) -> None:
+    """work(), then the wait for the commit, in a thread; a failure is kept for wait() to raise."""
+    def run():
+      try:
+        if self._error is None:
+          work()
+          self._manager.wait_until_finished()
+      except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by wait()
+        self._error = e
+    self._thread = threading.Thread(target=run, name=f"jaxlm-save-{self._saving}", daemon=True)
+    self._thread.start()
 
   def _seal(self) -> None:
     """Runs on process 0 after every process has written the step, before orbax commits it."""
-    step, self._saving = self._saving, None
-    folders = glob.glob(os.path.join(self.directory, f"{step}{_TMP}*"))
-    folder = max(folders, key=os.path.getmtime) if folders else os.path.join(self.directory, str(step))
-    write_manifest(folder, step)
+    folders = glob.glob(os.path.join(self.directory, f"{self._saving}{_TMP}*"))
+    folder = max(folders, key=os.path.getmtime) if folders else os.path.join(self.directory, str(self._saving))
+    write_manifest(folder, self._saving)
 
-  def wait(self, committed: bool = False) -> None:
-    """Waits until the last save has handed its arrays to orbax (or, `committed`, is on disk).
+  def check(self) -> None:
+    """Raises now if the last save failed (without waiting for one that is still being written)."""
+    if self._thread is not None and not self._thread.is_alive():
+      self.wait()
 
-    Raises the save's error if it failed.
-    """
+  def wait(self) -> None:
+    """Waits until the last save is committed. A failed save raises here: a full disk or a folder that
+    cannot be written as a one-line UserError, anything else as it is."""
     if self._thread is not None:
       self._thread.join()
       self._thread = None
     if self._error is not None:
       error, self._error = self._error, None
+      self._reported = error
+      if (user_error := self._save_error(error)) is not None:
+        raise user_error from None
       raise error
-    if committed:
-      self._manager.wait_until_finished()
+
+  def _save_error(self, error: BaseException) -> UserError | None:
+    kind, where = storage_errors.kind_of(error), f"{self.directory} while saving checkpoint step {self._saving}"
+    if kind == storage_errors.FULL:
+      number = next(n for n in map(storage_errors.os_errno, storage_errors.chain(error)) if n)
+      free = shutil.disk_usage(self.directory).free
+      return UserError(f"{os.strerror(number)} in {where}: a checkpoint needs about {self._bytes / 1e6:,.1f} "
+                       f"MB, {free / 1e6:,.1f} MB are free there", "free space, or keep fewer checkpoints "
+                       "(train.keep_checkpoints), and run the same command again: it resumes from the "
+                       "last complete step and sets the partial one aside")
+    if kind == storage_errors.PERMISSION:
+      return UserError(f"cannot write in {where}: {first_line(error)}",
+                       "fix the folder's permissions, or give a --workdir on a writable filesystem")
+    return None
 
   def close(self) -> None:
     """Waits for pending saves to be committed."""
-    self.wait(committed=True)
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except BaseException as e:
+        if e is not self._reported:  # (orbax raises a failed save's error once in every thread)
+          raise
 
   def restore_latest(self, abstract_state, data_iterator):
     """The newest valid step restored onto `abstract_state` (and into `data_iterator`), or None.
 
-    Returns (state, step). Damaged steps on the way are warned about and moved aside. A checkpoint
-    whose shapes differ from `abstract_state` is not damage: it raises a UserError naming the array.
+    Returns (state, step). Damaged steps on the way (files that do not match the manifest, or that
+    fail to read or decode) are warned about and moved aside; a transient storage error is retried;
+    anything else (an out-of-memory, a bug) raises as it is and moves nothing. A checkpoint whose
+    shapes differ from `abstract_state` is not damage either: a UserError names the array.
     """
-    self._set_aside_leftovers()
     for step in reversed(self.steps()):
-      problem, kind = step_problem(os.path.join(self.directory, str(step))), "damaged"
+      problem, kind = step_problem(os.path.join(self.directory, str(step)), checksums=True), "damaged"
       if problem is None:
-        try:
-          check_shapes(self._manager.item_metadata(step)["state"], abstract_state,
-                       f"checkpoint {self.directory}/{step}")
-          restored = self._restore(step, abstract_state, data_iterator)
-          if int(restored.step) != step:
-            problem = f"it holds the state of step {int(restored.step)}"
-          elif not all_finite(restored):
-            problem, kind = "it holds non-finite values (saved by a run that diverged)", "nonfinite"
-        except UserError:
-          raise
-        except Exception as e:  # noqa: BLE001 - any failure to read is damage; the message says which
-          problem = f"it cannot be read ({_first_line(e)})"
+        restored, problem, kind = self._restore_checked(step, abstract_state, data_iterator)
       if not all_agree(problem is None):
         problem = problem or "another process could not read it"
       if problem is None:
         return restored, step
       self._set_aside(step, problem, kind)
     return None
+
+  def _restore_checked(self, step: int, abstract_state, data_iterator):
+    """(state, None, None), or (None, problem, how to set it aside) for a damaged or non-finite step."""
+    for attempt in range(RETRIES):
+      try:
+        check_shapes(self._manager.item_metadata(step)["state"], abstract_state,
+                     f"checkpoint {self.directory}/{step}")
+        restored = self._restore(step, abstract_state, data_iterator)
+        break
+      except UserError:
+        raise
+      except Exception as e:  # noqa: BLE001 - classified below; what is not known re-raises as it is
+        kind = storage_errors.kind_of(e)
+        if kind == storage_errors.DAMAGE:
+          return None, f"it cannot be read ({first_line(e, typed=True)})", "damaged"
+        if kind == storage_errors.PERMISSION:
+          raise UserError(f"cannot read checkpoint {self.directory}/{step}: {first_line(e)}",
+                          "fix the permissions of the workdir's files") from None
+        if kind != storage_errors.TRANSIENT or attempt == RETRIES - 1:
+          raise
+        delay = RETRY_SECONDS * 2 ** attempt
+        warn(f"reading checkpoint step {step} failed ({first_line(e)}); trying again in {delay:g} s")
+        time.sleep(delay)
+    if int(restored.step) != step:
+      return None, f"it holds the state of step {int(restored.step)}", "damaged"
+    if not all_finite(restored):
+      return None, "it holds non-finite values (saved by a run that diverged)", "nonfinite"
+    return restored, None, None
 
   def _restore(self, step: int, abstract_state, data_iterator):
     folder = os.path.join(self.directory, str(step), "data")
@@ -169,14 +237,18 @@ class Checkpoints:
     if jax.process_index() == 0:
       os.rename(os.path.join(self.directory, str(step)), moved)
     multihost_utils.sync_global_devices(f"jaxlm set aside {step}")
+    if self._manager is None:
+      warn(f"checkpoint step {step} is damaged: {problem}; moved it to {moved}")
+      return
     self._manager.reload()
     earlier = [s for s in self.steps() if s < step]
     then = f"trying step {earlier[-1]}" if earlier else "no earlier checkpoint; starting fresh"
     what = f"is damaged: {problem}" if kind == "damaged" else problem.removeprefix("it ")
     warn(f"checkpoint step {step} {what}; moved it to {moved}; {then}")
 
-  def _set_aside_leftovers(self) -> None:
-    """Temporary folders of saves that never committed (the process died while writing)."""
+  def _set_aside_before_orbax(self) -> None:
+    """What would stop orbax from starting, or fool it: temporary folders of saves that never
+    committed (the process died while writing), and steps whose metrics file does not decode."""
     leftovers = sorted(glob.glob(os.path.join(self.directory, f"*{_TMP}*")))
     multihost_utils.sync_global_devices("jaxlm leftovers listed")
     for folder in leftovers:
@@ -188,6 +260,15 @@ class Checkpoints:
            f"temporary folder to {moved}")
     if leftovers:
       multihost_utils.sync_global_devices("jaxlm leftovers moved")
+    for step in sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(
+        self.directory) else []:
+      try:
+        with open(os.path.join(self.directory, str(step), "metrics", "metrics"), "rb") as f:
+          json.loads(f.read())
+      except FileNotFoundError:
+        pass  # (no metrics: orbax does without)
+      except (UnicodeDecodeError, ValueError) as e:
+        self._set_aside(step, f"metrics/metrics does not decode ({first_line(e)})")
 
 
 def _handlers() -> dict:
@@ -236,37 +317,56 @@ def all_finite(tree) -> bool:
 
 
 def write_manifest(folder: str, step: int) -> None:
-  files = {}
+  """Seals a step: the size and CRC-32 of every file (orbax checksums its own index but not the
+  arrays' bytes). Step-level metadata that orbax rewrites on commit is only required to exist."""
+  files, crcs = {}, {}
   for root, _, names in os.walk(folder):
     for name in names:
       path = os.path.join(root, name)
-      files[os.path.relpath(path, folder)] = os.path.getsize(path)
-  files.pop(MANIFEST, None)
-  for name in [n for n in files if os.sep not in n]:  # step metadata orbax rewrites on commit
-    files[name] = None
+      relative = os.path.relpath(path, folder)
+      if relative == MANIFEST:
+        continue
+      if os.sep in relative:
+        files[relative], crcs[relative] = os.path.getsize(path), _crc32(path)
+      else:
+        files[relative] = None
   tmp = os.path.join(folder, MANIFEST + ".tmp")
   with open(tmp, "w") as f:
-    json.dump({"format": 1, "step": step, "files": files}, f, indent=1, sort_keys=True)
+    json.dump({"format": 2, "step": step, "files": files, "crc32": crcs}, f, indent=1, sort_keys=True)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, os.path.join(folder, MANIFEST))
 
 
-def step_problem(folder: str) -> str | None:
-  """Why the step folder is not the one that was saved, or None if its files match its manifest."""
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while block := f.read(1 << 22):
+      crc = zlib.crc32(block, crc)
+  return crc
+
+
+def step_problem(folder: str, checksums: bool = False) -> str | None:
+  """Why the step folder is not the one that was saved, or None if its files match its manifest
+  (their sizes; with `checksums`, on process 0, their bytes too: that reads the whole step)."""
   try:
     with open(os.path.join(folder, MANIFEST)) as f:
-      files = json.load(f)["files"]
+      manifest = json.load(f)
+    files, crcs = manifest["files"], manifest.get("crc32", {})  # (format 1 had no checksums)
   except FileNotFoundError:
     return f"{MANIFEST} is missing (the save did not finish)"
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    return f"{MANIFEST} is unreadable ({_first_line(e)})"
+  except (ValueError, KeyError, TypeError) as e:
+    return f"{MANIFEST} is unreadable ({first_line(e, typed=True)})"
   for name, size in sorted(files.items()):
     path = os.path.join(folder, name)
     if not os.path.exists(path):
       return f"{name} is missing"
     if size is not None and os.path.getsize(path) != size:
       return f"{name} has {os.path.getsize(path)} bytes, {size} were written"
+  if checksums and jax.process_index() == 0:
+    for name, crc in sorted(crcs.items()):
+      if _crc32(os.path.join(folder, name)) != crc:
+        return f"{name} does not match its checksum (its bytes changed after the save)"
   return None
 
 
@@ -373,8 +473,3 @@ def _free_name(path: str) -> str:
     n += 1
     candidate = f"{path}-{n}"
   return candidate
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

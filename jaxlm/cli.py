@@ -299,8 +299,38 @@ def version() -> str:
   return f"jaxlm {__version__} ({stack})"
 
 
+def _quiet_libraries() -> None:
+  """The CLI's stderr carries jaxlm's own lines. When a checkpoint write fails (measured on a full
+  disk), orbax logs it as several ERROR tracebacks, asyncio logs each of its other pending writes
+  ("Task exception was never retrieved"), and tensorstore prints a "RuntimeError: Event loop is
+  closed" per array from callbacks whose event loop orbax has closed. jaxlm reports the failure itself,
+  in one line, or raises it with its traceback."""
+  import logging
+
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
+  if getattr(sys.excepthook, "jaxlm", False):
+    return
+  default = sys.excepthook
+
+  def hook(kind, value, tb):
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      default(kind, value, tb)
+  hook.jaxlm = True
+  sys.excepthook = hook
+  default_unraisable = sys.unraisablehook
+
+  def unraisable(u):
+    if not (u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed"):
+      default_unraisable(u)
+  sys.unraisablehook = unraisable
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAXLM_DISTRIBUTED") == "auto":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "4")  # before jaxlib loads: see peers.py
+  _quiet_libraries()
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(USAGE, end="")
     return 0 if argv else 2
@@ -315,13 +345,20 @@ def main(argv: list[str] | None = None) -> int:
       print(flags_help(command))
       return 0
     {"train": train, "prepare": prepare, "sample": sample, "eval": evaluate}[command](rest)
+    code = 0
   except UserError as e:
-    print(f"jaxlm: error: {e}", file=sys.stderr)
-    return e.exit_code
+    print(f"jaxlm: error: {e}", file=sys.stderr, flush=True)
+    code = e.exit_code
   except KeyboardInterrupt:
     print("jaxlm: interrupted", file=sys.stderr)
-    return 130
-  return 0
+    code = 130
+  except Exception:
+    if peers := sys.modules.get("jaxlm.peers"):  # (imported by a multi-process start only)
+      peers.settle()  # was a peer lost? then the process ends in there, with one line
+    raise
+  if peers := sys.modules.get("jaxlm.peers"):
+    peers.leave(failed=code != 0)
+  return code
 
 
 if __name__ == "__main__":

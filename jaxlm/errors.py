@@ -3,6 +3,7 @@
 Anything else that escapes is a bug of ours and keeps its traceback.
 """
 
+import re
 import sys
 
 
@@ -29,3 +30,13 @@ def warn(text: str) -> None:
 
   if jax.process_index() == 0:
     print(f"jaxlm: warning: {text}", file=sys.stderr, flush=True)
+
+
+def first_line(e: BaseException, typed: bool = False) -> str:
+  """The first line of the innermost error of `e`'s chain of causes (`raise ... from`: orbax wraps the
+  useful one), without tensorstore's payloads ([tensorstore_spec='...']); `typed`: its type in front."""
+  while e.__cause__ is not None and e.__cause__ is not e:
+    e = e.__cause__
+  lines = re.sub(r" ?\[[a-z_]+='[^']*'\]", "", str(e).strip()).splitlines()
+  text = lines[0][:200] if lines else ""
+  return f"{type(e).__name__}: {text}" if typed and text else text or type(e).__name__

@@ -183,6 +183,7 @@ class Trainer:
         # collectives can deadlock; on accelerators this still overlaps host work with the device).
         self.check_finite(step, jax.device_get(previous), logged=False)
       previous = metrics
+      self.checkpoints.check()  # a save that failed in the background stops the run now
       if (first := self.timer.stepped()) is not None:
         self.progress.message(f"first step compiled and dispatched in {first:.1f} s")
       done = step + 1
@@ -240,7 +241,7 @@ class Trainer:
       return
     if not logged:
       self.log.write(step, **values)
-    self.checkpoints.wait(committed=True)
+    self.checkpoints.wait()
     saved = [s for s in self.checkpoints.steps() if s < step]
     resume = (f"rerunning resumes from the checkpoint of step {saved[-1]}" if saved
               else "no checkpoint was saved; rerunning starts over")

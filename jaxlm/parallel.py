@@ -88,12 +88,16 @@ def initialize_distributed() -> None:
     `launch/local.py` and most cluster scripts set them;
   - `JAXLM_DISTRIBUTED=auto`: let JAX detect the cluster (Cloud TPU pod, SLURM, Open MPI);
   - neither: a single process.
-  Must run before JAX starts its backends.
+  Must run before JAX starts its backends. A process that dies ends the others (peers.py).
   """
   env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    count, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
-    jax.distributed.initialize(num_processes=int(count) if count else None,
-                               process_id=int(index) if index else None)
-  elif env.get("JAXLM_DISTRIBUTED") == "auto":
-    jax.distributed.initialize()
+  if not env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAXLM_DISTRIBUTED") != "auto":
+    return
+  from jaxlm import peers
+
+  peers.before_initialize()
+  count, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+  jax.distributed.initialize(num_processes=int(count) if count else None,
+                             process_id=int(index) if index else None,
+                             heartbeat_timeout_seconds=peers.heartbeat_seconds())
+  peers.start()

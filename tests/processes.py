@@ -23,6 +23,7 @@ def spawn_jaxlm(args: list[str], *, devices: int, processes: int = 1, outputs=No
   procs = []
   for i in range(processes):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # (importing jax set it here; a user's shell has none)
     if processes > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                  JAX_PROCESS_ID=str(i))

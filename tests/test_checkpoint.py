@@ -274,7 +274,7 @@ def test_keeps_the_newest_k_and_the_best_by_validation_loss(tmp_path):
   checkpoints = Checkpoints(str(tmp_path), keep=2)
   for step, val_loss in ((1, 3.0), (2, 1.0), (3, None), (4, 2.0), (5, 2.5), (6, None)):
     checkpoints.save(step, state, data, val_loss=val_loss)
-    checkpoints.wait(committed=True)
+    checkpoints.wait()
   assert checkpoints.steps() == [2, 5, 6]  # the newest two, and step 2 with the lowest val_loss
   assert checkpoints.save(6, state, data) is False  # an existing step is left as it is
   checkpoints.close()

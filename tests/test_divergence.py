@@ -125,7 +125,7 @@ def test_a_non_finite_validation_loss_never_ranks_as_the_best(tmp_path):
   checkpoints = Checkpoints(str(tmp_path), keep=2)
   for step, val_loss in ((1, 2.0), (2, math.nan), (3, math.nan), (4, math.inf), (5, math.nan)):
     checkpoints.save(step, state, data(), val_loss=val_loss)
-    checkpoints.wait(committed=True)
+    checkpoints.wait()
   checkpoints.close()
   assert checkpoints.steps() == [1, 4, 5]  # the newest two, and step 1: the only finite val_loss
 

@@ -20,17 +20,13 @@ from collections.abc import Iterable
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from jaxlm.errors import UserError
+from jaxlm.errors import UserError, first_line
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>")
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 _BYTE_CHARS = frozenset(pre_tokenizers.ByteLevel.alphabet())
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
-
-def _first_line(e: Exception) -> str:
-  lines = str(e).strip().splitlines()
-  return lines[0] if lines else type(e).__name__
 
 
 def _uses_byte_level_decoder(spec: dict | None) -> bool:
@@ -75,11 +71,11 @@ class BPETokenizer:
     try:
       json.loads(text)
     except ValueError as e:
-      raise UserError(f"tokenizer {source} is not valid JSON: {_first_line(e)}", hint) from None
+      raise UserError(f"tokenizer {source} is not valid JSON: {first_line(e)}", hint) from None
     try:
       tokenizer = Tokenizer.from_str(text)
     except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for any malformed spec
-      raise UserError(f"tokenizer {source} is not a Hugging Face tokenizer: {_first_line(e)}", hint) from None
+      raise UserError(f"tokenizer {source} is not a Hugging Face tokenizer: {first_line(e)}", hint) from None
     return cls(tokenizer)
 
   @classmethod
@@ -88,7 +84,7 @@ class BPETokenizer:
       with open(path, encoding="utf-8") as f:
         text = f.read()
     except UnicodeDecodeError as e:
-      raise UserError(f"tokenizer {path} is not valid JSON: {_first_line(e)}",
+      raise UserError(f"tokenizer {path} is not valid JSON: {first_line(e)}",
                       "expected a UTF-8 Hugging Face tokenizer.json") from None
     except OSError as e:
       raise UserError(f"cannot read tokenizer {path}: {e.strerror or e}",

@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import tensorstore as ts
 
-from jaxlm.errors import UserError
+from jaxlm.errors import UserError, first_line
 
 FORMAT, VERSION = "jaxlm-token-store", 1
 SPLITS = ("train", "validation")
@@ -44,7 +44,7 @@ def open_kvstore(path: str) -> ts.KvStore:
   try:
     return ts.KvStore.open(kvstore_url(path), context=CONTEXT).result()
   except (ValueError, RuntimeError) as e:
-    raise UserError(f"cannot open {path}: {_first_line(e)}", "give a folder or a gs:// URL") from None
+    raise UserError(f"cannot open {path}: {first_line(e)}", "give a folder or a gs:// URL") from None
 
 
 def token_dtype(vocab_size: int):
@@ -205,7 +205,7 @@ class TokenStore:
     try:
       return ts.open(spec, open=True, context=CONTEXT).result()
     except (ValueError, RuntimeError) as e:
-      raise UserError(f"{self.path}: cannot open {split}/{name} ({_first_line(e)})",
+      raise UserError(f"{self.path}: cannot open {split}/{name} ({first_line(e)})",
                       "the store is damaged; prepare it again with --overwrite") from None
 
   def tokens(self, split: str):
@@ -241,7 +241,3 @@ def is_store(path: str) -> bool:
   """Whether `path` looks like a token store (a URL, or a folder): not whether it is a valid one."""
   return is_url(path) or os.path.isdir(path)
 
-
-def _first_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return lines[0][:200] if lines else type(e).__name__
