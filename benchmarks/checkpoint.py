@@ -38,7 +38,8 @@ def command(config: str, workdir: str, *overrides: str) -> list[str]:
 LOOP_PROBE = """
 import json, sys
 from jaxlm import cli, loop
-config, workdir = cli.parse_train_flags(sys.argv[1:])
+args = cli.parse_train_flags(sys.argv[1:])
+config, workdir = cli.train_config(args), args.workdir
 cli._set_cpu_devices(config.mesh.cpu_devices)
 print("RESULT " + json.dumps(loop.run(config, workdir, quiet=True)))
 """

@@ -28,7 +28,8 @@ import itertools, json, sys
 from jaxlm import cli, loop
 from jaxlm.data import text
 mode, argv = sys.argv[1], sys.argv[2:]
-config, workdir = cli.parse_train_flags(argv)
+args = cli.parse_train_flags(argv)
+config, workdir = cli.train_config(args), args.workdir
 cli._set_cpu_devices(config.mesh.cpu_devices)
 if mode == "preloaded":
   real = text.Corpus.train_batches

@@ -178,6 +178,8 @@ class Trainer:
     previous = None  # metrics of the step dispatched before this one
     for step in range(int(state.step), c.steps):
       state, metrics = self.train(state, to_global_batch(next(self.data), self.sharding))
+      for value in metrics.values():  # queued now, behind this step: the next step does not delay it
+        value.copy_to_host_async()
       if previous is not None:
         # Keep one step in flight: wait for the previous one (on CPU meshes, an unbounded queue of
         # collectives can deadlock; on accelerators this still overlaps host work with the device).

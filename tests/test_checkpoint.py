@@ -15,8 +15,9 @@ import pytest
 from conftest import ROOT, tiny_config
 from flax import nnx
 
-from jaxlm import cli, loop
-from jaxlm.checkpoint import MANIFEST, Checkpoints, abstract_like, load_params
+from jaxlm import checkpoint, cli, loop
+from jaxlm.checkpoint import Checkpoints, abstract_like, load_params
+from jaxlm.manifest import MANIFEST
 from jaxlm.data.text import TrainBatches
 from jaxlm.errors import UserError
 from jaxlm.models.gpt import ModelConfig
@@ -53,6 +54,18 @@ def truncate(path, size):
   os.truncate(path, size)
 
 
+def change_bytes(path, old=None, new=None):
+  """Changes a file's bytes in place, keeping its size: `old` -> `new`, or the middle 16 bytes inverted."""
+  data = bytearray(open(path, "rb").read())
+  if old is not None:
+    assert len(old) == len(new) and old in data
+    data = data.replace(old, new, 1)
+  else:
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(255 - b for b in data[middle:middle + 16])
+  open(path, "wb").write(bytes(data))
+
+
 DAMAGE = {
     "missing array file": lambda d: os.remove(largest_array_file(d)),
     "array file truncated to half": lambda d: truncate(largest_array_file(d),
@@ -65,6 +78,12 @@ DAMAGE = {
     "missing data iterator state": lambda d: os.remove(glob.glob(f"{d}/data/process_*.json")[0]),
     "missing jaxlm manifest": lambda d: os.remove(f"{d}/{MANIFEST}"),
     "missing state folder": lambda d: shutil.rmtree(f"{d}/state"),
+    # The same sizes, other bytes: orbax restored these silently (arrays) or failed to start (metrics).
+    "array bytes changed": lambda d: change_bytes(largest_array_file(d)),
+    "tree metadata bytes changed": lambda d: change_bytes(f"{d}/state/_METADATA"),
+    "metrics file that does not decode": lambda d: change_bytes(f"{d}/metrics/metrics"),
+    "data iterator state changed": lambda d: change_bytes(glob.glob(f"{d}/data/process_*.json")[0],
+                                                          b'"step": 6', b'"step": 7'),
 }
 
 
@@ -282,3 +301,68 @@ def test_keeps_the_newest_k_and_the_best_by_validation_loss(tmp_path):
   reopened.save(7, state, data, val_loss=2.2)
   reopened.close()
   assert reopened.steps() == [2, 6, 7]
+
+
+def flaky_restore(monkeypatch, error, failures):
+  """Checkpoints._restore raises `error()` the first `failures` times (all times: None), then reads."""
+  real, calls = Checkpoints._restore, []
+
+  def restore(self, *args):
+    calls.append(1)
+    if failures is None or len(calls) <= failures:
+      raise error()
+    return real(self, *args)
+  monkeypatch.setattr(Checkpoints, "_restore", restore)
+  monkeypatch.setattr(checkpoint, "RETRY_SECONDS", 0.0)
+  return calls
+
+
+def unavailable():
+  return ValueError("UNAVAILABLE: Failed to read from gs://bucket/w/checkpoints/6 [curl_code='7']")
+
+
+def test_a_transient_read_error_is_retried_and_moves_nothing(trained, tmp_path, capsys, monkeypatch):
+  config, workdir = trained
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy)
+  calls = flaky_restore(monkeypatch, unavailable, failures=2)
+  capsys.readouterr()
+  state, step, *_ = restore_latest(config, copy)
+  assert step == 6 and int(state.step) == 6 and len(calls) == 3
+  assert capsys.readouterr().err.count("jaxlm: warning: reading checkpoint step 6 failed (UNAVAILABLE") == 2
+  assert sorted(os.listdir(copy / "checkpoints")) == ["3", "6"]
+
+
+def out_of_memory():
+  try:
+    raise MemoryError("Unable to allocate 64.0 GiB")
+  except MemoryError as e:  # how orbax wraps a failed array read
+    raise Exception("Encountered error while reading array index: (slice(0, 256, 1),)") from e
+
+
+@pytest.mark.parametrize("error, kind", [(out_of_memory, Exception), (lambda: RuntimeError("a bug of ours"), RuntimeError),
+                                         (unavailable, ValueError)])
+def test_other_read_errors_raise_as_they_are_and_move_nothing(trained, tmp_path, monkeypatch, error, kind):
+  config, workdir = trained
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy)
+  flaky_restore(monkeypatch, error, failures=None)  # (UNAVAILABLE every time: retried, then raised)
+  with pytest.raises(kind) as raised:
+    restore_latest(config, copy)
+  assert type(raised.value) is kind
+  assert sorted(os.listdir(copy / "checkpoints")) == ["3", "6"]
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_sample_and_eval_say_when_they_skip_a_damaged_newest_step(trained, tmp_path, capsys, command):
+  _, workdir = trained
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy)
+  os.remove(copy / "checkpoints" / "6" / MANIFEST)
+  capsys.readouterr()
+  args = ["--max_new_tokens=3", "--prompt=Once"] if command == "sample" else []
+  code = cli.main([command, f"--workdir={copy}", *args])
+  err = capsys.readouterr().err
+  assert code == 0 and err.splitlines() == [
+      f"jaxlm: warning: skipping damaged checkpoint step 6 ({MANIFEST} is missing (the save did not finish)); "
+      "using step 3"]

@@ -1,5 +1,6 @@
 """Every user mistake: one line `jaxlm: error: ...` with a hint, exit code 2, no traceback."""
 
+import json
 import os
 
 import pytest
@@ -206,3 +207,36 @@ def test_sample_prompt_that_is_not_utf8(capsys, tmp_path):
   # Python hands undecodable argv bytes over as lone surrogates (PEP 383): b"ab\xff" -> "ab\udcff".
   assert_one_line_error(*run_cli(capsys, "sample", f"--workdir={tmp_path}", "--prompt=ab\udcff"),
                         "--prompt is not valid UTF-8 (byte 0xff at position 2)")
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("program", bytes(range(256)) * 40, "is not UTF-8 text: 40 NUL bytes and"),  # an executable, say
+    ("utf16.txt", "text saved as UTF-16 ".encode("utf-16") * 50, "is not UTF-8 text"),
+    ("docs.jsonl", b'{"text": "a document"}\n' * 100, "docs.jsonl is JSONL, not plain text"),
+    ("corpus.txt.gz", b"\x1f\x8b" + b"x" * 2000, "corpus.txt.gz is compressed, not plain text"),
+])
+def test_data_that_is_not_plain_text_is_refused(capsys, tmp_path, name, content, fragment):
+  (tmp_path / name).write_bytes(content)
+  assert_one_line_error(*train(capsys, tmp_path, f"--config.data.path={tmp_path / name}"), fragment)
+  assert not (tmp_path / "w").exists()  # the data is checked before the workdir is made
+
+
+def test_a_few_invalid_bytes_are_replaced_and_counted(tmp_path, capsys):
+  from jaxlm.data.text import read_text
+
+  # Latin-1 text: one byte of an accented letter per sentence is not UTF-8.
+  (tmp_path / "latin1.txt").write_bytes("The caf\u00e9 on the corner serves tea and cake. ".encode("latin-1") * 20)
+  text = read_text(str(tmp_path / "latin1.txt"))
+  assert text.count("\ufffd") == 20
+  assert capsys.readouterr().err == (f"jaxlm: warning: data file {tmp_path / 'latin1.txt'}: 20 invalid UTF-8 "
+                                     "sequences replaced by U+FFFD (`jaxlm prepare --strict_utf8` finds them)\n")
+
+
+def test_a_broken_workdir_config_is_one_line(capsys, tmp_path):
+  (tmp_path / "config.json").write_text('{"model": {"width": ')
+  assert_one_line_error(*run_cli(capsys, "sample", f"--workdir={tmp_path}"), "config.json is not valid JSON")
+  (tmp_path / "config.json").write_text(json.dumps({"model": {"widht": 64}}))
+  assert_one_line_error(*run_cli(capsys, "eval", f"--workdir={tmp_path}"),
+                        "has the key 'model.widht', which this jaxlm does not know")
+  (tmp_path / "config.json").write_text(json.dumps({"model": {"width": "wide"}}))
+  assert_one_line_error(*run_cli(capsys, "eval", f"--workdir={tmp_path}"), "model.width is 'wide', not a int")

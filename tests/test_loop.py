@@ -69,3 +69,19 @@ def test_the_end_of_training_prints_a_sample_and_says_where_the_positions_ran_ou
   assert text.startswith("Once") and len(text.encode()) >= 4 + 28 - 1
   assert note == "(the text stops here: the model's 32 positions, model.max_seq_len, are full; generating " \
                  "past them is not supported yet)"
+
+
+def test_the_loops_val_loss_is_named_as_an_estimate(trained_run):
+  lines = [line for line in trained_run.output.splitlines() if "val_loss" in line]
+  assert len(lines) == 2 and all(line.endswith("(on 2 validation batches)") for line in lines)
+
+
+def test_a_finished_run_says_so_and_does_nothing(trained_run, tmp_path, capsys):
+  copy = tmp_path / "w"
+  shutil.copytree(trained_run.workdir, copy)
+  before = (copy / "metrics.jsonl").read_text()
+  result = loop.run(trained_run.config, str(copy))
+  out = capsys.readouterr().out
+  assert result == {"finished_at": 6} and "sample:" not in out
+  assert f"{copy} holds a finished run: step 6 of train.steps=6 (raise --config.train.steps to train on" in out
+  assert (copy / "metrics.jsonl").read_text() == before

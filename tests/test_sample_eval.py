@@ -162,3 +162,14 @@ def test_load_config_and_a_workdir_step(workdir):
     jaxlm.load_config("nope.py")
   earlier = jaxlm.load(workdir, step=3)
   assert earlier.step == 3 and "step=3" in repr(earlier)
+
+
+def test_sample_says_when_the_positions_ran_out(workdir, run, capsys):
+  # Greedy, no length asked for: as many tokens as fit the 32 positions after the 4 of the prompt.
+  code, out, err = cli_run(capsys, "sample", f"--workdir={workdir}", "--prompt=Once", "--temperature=0")
+  assert code == 0 and out.startswith("Once") and len(run.tokenizer.encode(out[:-1])) == 32
+  assert err == ("jaxlm: note: (the text stops here: the model's 32 positions, model.max_seq_len, are full; "
+                 "generating past them is not supported yet)\n")
+  code, out, err = cli_run(capsys, "sample", f"--workdir={workdir}", "--prompt=Once", "--temperature=0",
+                           "--max_new_tokens=28")
+  assert code == 0 and err == ""  # a length that was asked for is no surprise

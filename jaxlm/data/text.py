@@ -26,6 +26,10 @@ def read_text(path: str) -> str:
   long run; a file that is not text (NUL bytes, mostly invalid UTF-8: a binary, UTF-16) is refused."""
   if not os.path.exists(path):
     raise UserError(f"data file {path} does not exist", "check --config.data.path")
+  if path.lower().endswith((".jsonl", ".gz")):  # (as text it would train on JSON syntax or gzip bytes)
+    raise UserError(f"data file {path} is {'JSONL' if path.lower().endswith('.jsonl') else 'compressed'}, "
+                    "not plain text", f"prepare it into a store: jaxlm prepare --input={path} --output=DIR, "
+                    "then give DIR")
   try:
     with open(path, "rb") as f:
       raw = f.read()
