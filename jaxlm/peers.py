@@ -19,6 +19,7 @@ Measured (2 processes on 2 cores, heartbeat 20 s): a survivor of process 1 exits
 survivor of process 0 in under a second.
 """
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -69,6 +70,8 @@ def start() -> None:
   _peers.client, _peers.count, _peers.index = distributed.global_state.client, jax.process_count(), jax.process_index()
   if _peers.count > 1:
     threading.Thread(target=_watch, name="jaxlm-peers", daemon=True).start()
+    # (The CLI leaves explicitly; this is for the Python API. It runs before JAX's own atexit shutdown.)
+    atexit.register(leave, failed=True)
 
 
 def _watch() -> None:
@@ -146,7 +149,7 @@ def leave(failed: bool) -> None:
   """The end of a command in a multi-process run: every process reaches a barrier, then process 0
   waits for the others to disconnect and stops the service. A process whose peers do not get there
   (they failed otherwise, or are still working) leaves at once."""
-  if _peers.client is None or _peers.count == 1:
+  if _peers.client is None or _peers.count == 1 or _peers.stopping.is_set():
     return
   try:
     _peers.client.wait_at_barrier("jaxlm:end", FAILED_BARRIER_MS if failed else END_BARRIER_MS)
