@@ -31,13 +31,19 @@ import time
 
 import jax
 
+from jaxlm.errors import UserError
+
 LOST_EXIT = 3  # as RunFailed's: the run cannot go on; what was saved is intact
 END_BARRIER_MS = 120_000  # how long processes that ended well wait for each other
 FAILED_BARRIER_MS = 10_000  # ...and processes that failed (with the same error, they arrive together)
 
 
 def heartbeat_seconds() -> int:
-  return int(os.environ.get("JAXLM_HEARTBEAT_SECONDS", "20"))
+  text = os.environ.get("JAXLM_HEARTBEAT_SECONDS", "20")
+  if not text.isdigit() or int(text) < 1:
+    raise UserError(f"JAXLM_HEARTBEAT_SECONDS={text!r} is not a whole number of seconds",
+                    "e.g. JAXLM_HEARTBEAT_SECONDS=20, or unset it")
+  return int(text)
 
 
 class _Peers:

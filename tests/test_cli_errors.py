@@ -240,3 +240,21 @@ def test_a_broken_workdir_config_is_one_line(capsys, tmp_path):
                         "has the key 'model.widht', which this jaxlm does not know")
   (tmp_path / "config.json").write_text(json.dumps({"model": {"width": "wide"}}))
   assert_one_line_error(*run_cli(capsys, "eval", f"--workdir={tmp_path}"), "model.width is 'wide', not a int")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("train", "--workdir=w"), "missing --config"),
+    (("train", f"--config={DEFAULT}", "--workdir"), "--workdir needs a value"),
+    (("train", f"--config={DEFAULT}", "--workdir=w", "extra"), "unexpected argument 'extra'"),
+    (("train", f"--config={ROOT}/configs", "--workdir=w"), "configs is a folder"),
+])
+def test_malformed_train_command_lines(capsys, args, fragment):
+  assert_one_line_error(*run_cli(capsys, *args), fragment)
+
+
+def test_a_bad_heartbeat_setting_is_a_clear_error(monkeypatch):
+  from jaxlm import peers
+
+  monkeypatch.setenv("JAXLM_HEARTBEAT_SECONDS", "soon")
+  with pytest.raises(cli.UserError, match="JAXLM_HEARTBEAT_SECONDS='soon' is not a whole number"):
+    peers.heartbeat_seconds()
