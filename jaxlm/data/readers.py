@@ -1,8 +1,9 @@
 """Raw text corpora for `jaxlm prepare`: which files to read, and the documents in each.
 
 A .txt/.text/.md file is one document (its whole text); a .jsonl file holds one document per non-blank
-line, the string at a chosen field. Either may be gzipped. Files are read in binary and decoded here, so
-a bad byte is reported at its exact offset in the (decompressed) file.
+line, the string at a chosen field, or, for fine-tuning, one (prompt, response) example per line, the
+strings at two chosen fields. Either may be gzipped. Files are read in binary and decoded here, so a bad
+byte is reported at its exact offset in the (decompressed) file.
 """
 
 import codecs
@@ -23,8 +24,11 @@ SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".txt.gz", ".text.gz", ".md.gz", "
 _BOM = codecs.BOM_UTF8
 _STRICT_HINT = "fix the file, or drop --strict_utf8 to replace bad bytes with U+FFFD"
 _FIELD_HINT = "set --text_field=NAME to the field that holds the text"
+_PAIRS_HINT = "set --pairs=PROMPT,RESPONSE to the fields that hold them"
 _INPUT_HINT = f"give files or folders of {', '.join(SUFFIXES)}"
 _SURROGATE = re.compile("[\ud800-\udfff]")  # only JSON escapes like "\ud800" can put one in a str
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}  # what json.loads returns
 
 # A decode error handler that replaces like "replace" and counts each invalid sequence it replaces.
 _REPLACE = "jaxlm.count_replace"
@@ -152,20 +156,16 @@ def _text_document(path: str, strict: bool, stats: ReadStats) -> str:
   return text
 
 
-def _json_text(path: str, number: int, text: str, field: str) -> str:
-  """The string at `field` of the JSON object on line `number`."""
-  where = f"{path}:{number}"
+def _json_value(where: str, text: str):
+  """The JSON value of the line at `where` (path:line)."""
   try:
-    value = json.loads(text)
+    return json.loads(text)
   except json.JSONDecodeError as e:
     raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.pos + 1})",
                     "each line of a .jsonl file must be one JSON object") from None
   except RecursionError:
     raise UserError(f"{where}: not valid JSON (nested too deeply)",
                     "each line of a .jsonl file must be one JSON object") from None
-  if not isinstance(value, dict) or not isinstance(value.get(field), str):
-    raise UserError(f"{where}: no string field {field!r}", _FIELD_HINT)
-  return value[field]
 
 
 def _fix_surrogates(doc: str, where: str, strict: bool, stats: ReadStats) -> str:
@@ -179,7 +179,8 @@ def _fix_surrogates(doc: str, where: str, strict: bool, stats: ReadStats) -> str
   return fixed
 
 
-def _jsonl_documents(path: str, field: str, strict: bool, stats: ReadStats) -> Iterator[str]:
+def _jsonl_values(path: str, strict: bool, stats: ReadStats) -> Iterator[tuple[str, object, bool]]:
+  """(where: path:line, its JSON value, whether it has a \\u escape) for each non-blank line."""
   for number, offset, line in _lines(path):
     stats.bytes += len(line)
     skip = len(_BOM) if number == 1 and line.startswith(_BOM) else 0
@@ -188,11 +189,58 @@ def _jsonl_documents(path: str, field: str, strict: bool, stats: ReadStats) -> I
     body = line[skip:].rstrip(b"\r\n")  # so a JSON error at the end of the line gets a column on it
     text, replaced = decode_utf8(body, strict=strict, where=path, offset=offset + skip)
     stats.replaced += replaced
-    doc = _json_text(path, number, text, field)
-    if b"\\u" in line:
-      doc = _fix_surrogates(doc, f"{path}:{number}", strict, stats)
+    where = f"{path}:{number}"
+    yield where, _json_value(where, text), b"\\u" in line
+
+
+def _jsonl_documents(path: str, field: str, strict: bool, stats: ReadStats) -> Iterator[str]:
+  for where, value, escaped in _jsonl_values(path, strict, stats):
+    if not isinstance(value, dict) or not isinstance(value.get(field), str):
+      raise UserError(f"{where}: no string field {field!r}", _FIELD_HINT)
+    doc = _fix_surrogates(value[field], where, strict, stats) if escaped else value[field]
     if doc:
       yield doc
+
+
+def is_jsonl(path: str) -> bool:
+  return path.lower().removesuffix(".gz").endswith(".jsonl")
+
+
+def require_jsonl(path: str) -> None:
+  """Examples come from JSONL fields, which a text file does not have."""
+  if not is_jsonl(path):
+    raise UserError(f"--pairs reads fields of .jsonl lines, and {path} is not a .jsonl file",
+                    "give .jsonl or .jsonl.gz files, or drop --pairs")
+
+
+def _pair_text(where: str, value: dict, field: str) -> str:
+  if field not in value:
+    raise UserError(f"{where}: no field {field!r}", _PAIRS_HINT)
+  if not isinstance(value[field], str):
+    raise UserError(f"{where}: field {field!r} is {_JSON_TYPES[type(value[field])]}, not a string",
+                    "both --pairs fields must hold text")
+  return value[field]
+
+
+def iter_pairs(path: str, fields: tuple[str, str], *, strict_utf8: bool = False,
+               stats: ReadStats | None = None) -> Iterator[tuple[str, str]]:
+  """The (prompt, response) examples of a .jsonl file (optionally .gz), one per non-blank line: the strings
+  at its two `fields`. An empty prompt is allowed; an empty response, with nothing to learn, is an error."""
+  stats = stats if stats is not None else ReadStats()
+  require_jsonl(path)
+  prompt_field, response_field = fields
+  for where, value, escaped in _jsonl_values(path, strict_utf8, stats):
+    if not isinstance(value, dict):
+      raise UserError(f"{where}: {_JSON_TYPES[type(value)]}, not an object with fields {prompt_field!r} and "
+                      f"{response_field!r}", "each line of a .jsonl file must be one JSON object")
+    prompt, response = (_pair_text(where, value, field) for field in fields)
+    if escaped:
+      prompt, response = (_fix_surrogates(text, where, strict_utf8, stats) for text in (prompt, response))
+    if not response:
+      raise UserError(f"{where}: field {response_field!r} is empty", "every example needs a response to learn")
+    stats.documents += 1
+    yield prompt, response
+  stats.files += 1
 
 
 def iter_documents(path: str, *, text_field: str = "text", strict_utf8: bool = False,
@@ -203,8 +251,7 @@ def iter_documents(path: str, *, text_field: str = "text", strict_utf8: bool = F
   stats = stats if stats is not None else ReadStats()
   if not _supported(path):
     raise UserError(f"input {path} has an unsupported suffix", f"supported: {', '.join(SUFFIXES)}")
-  base = path.lower().removesuffix(".gz")
-  if base.endswith(".jsonl"):
+  if is_jsonl(path):
     for doc in _jsonl_documents(path, text_field, strict_utf8, stats):
       stats.documents += 1
       yield doc

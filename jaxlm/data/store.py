@@ -4,6 +4,8 @@
   STORE/tokenizer.json            the tokenizer (bytes, or a Hugging Face tokenizer.json)
   STORE/{train,validation}/tokens     1-D uint16 or uint32: the documents, each followed by EOS
   STORE/{train,validation}/offsets    1-D int64, documents + 1 entries: where each document starts
+  STORE/{train,validation}/weights    1-D uint8, only in a store of fine-tuning pairs (meta.json "pairs"):
+                                      per token, 0 on a prompt, 1 on a response and its EOS
 
 STORE is a local folder or a tensorstore key-value URL (`gs://bucket/path/`, `memory://name/`). A store
 without meta.json, or of another format version, is refused: meta.json is the commit record, so a
@@ -26,6 +28,7 @@ CHUNK = 1 << 16  # tokens per zarr chunk: a random window decompresses at most t
 # One per process, so memory:// stores are visible to every reader in it; decompressed chunks stay
 # cached, so neighbouring windows do not decompress the same chunk again.
 CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}})
+_DAMAGED = "the store is damaged; prepare it again with --overwrite"  # the hint of every damage
 # Writing keeps no chunks cached (prepare's memory must not grow with what it wrote); same memory:// stores.
 _WRITE_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}}, CONTEXT)
 
@@ -205,12 +208,35 @@ class TokenStore:
     try:
       return ts.open(spec, open=True, context=CONTEXT).result()
     except (ValueError, RuntimeError) as e:
-      raise UserError(f"{self.path}: cannot open {split}/{name} ({first_line(e)})",
-                      "the store is damaged; prepare it again with --overwrite") from None
+      raise UserError(f"{self.path}: cannot open {split}/{name} ({first_line(e)})", _DAMAGED) from None
 
   def tokens(self, split: str):
     """The split's token array as a tensorstore handle (index it, then .read().result())."""
     return self._open(split, "tokens")
+
+  @property
+  def pairs(self) -> tuple[str, str] | None:
+    """The (prompt, response) field names of a store of fine-tuning pairs, which has `weights`; else None."""
+    pairs = self.meta.get("pairs")
+    return None if pairs is None else tuple(pairs)
+
+  def weights(self, split: str):
+    """A pairs store's loss weights (uint8, one per token: 0 on prompts, 1 on responses and their EOS) as
+    a tensorstore handle, like `tokens`."""
+    if self.pairs is None:
+      raise UserError(f"{self.path} is not a store of fine-tuning pairs (it has no loss weights)",
+                      "prepare it with `jaxlm prepare --pairs=PROMPT,RESPONSE ...`")
+    return self._open(split, "weights")
+
+  def read_weights(self, split: str, verify: bool = True) -> np.ndarray:
+    """A pairs store's loss weights of a split in memory, checked against meta.json's count and checksum."""
+    weights = self.weights(split).read().result()
+    want = self.meta["splits"][split]
+    if len(weights) != want["tokens"]:
+      raise UserError(f"{self.path}: {split} has {len(weights)} weights, meta.json says {want['tokens']}", _DAMAGED)
+    if verify and crc32(weights) != want["weights_crc32"]:
+      raise UserError(f"{self.path}: {split} weights do not match their checksum in meta.json", _DAMAGED)
+    return weights
 
   def offsets(self, split: str) -> np.ndarray:
     """Where each document of the split starts (documents + 1 entries), checked against meta.json."""
@@ -219,7 +245,7 @@ class TokenStore:
     if len(offsets) != want["documents"] + 1 or offsets[-1] != want["tokens"]:
       raise UserError(f"{self.path}: {split}/offsets has {len(offsets) - 1} documents ending at token "
                       f"{offsets[-1] if len(offsets) else 0}, meta.json says {want['documents']} and "
-                      f"{want['tokens']}", "the store is damaged; prepare it again with --overwrite")
+                      f"{want['tokens']}", _DAMAGED)
     return offsets
 
   def read(self, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -229,11 +255,9 @@ class TokenStore:
     want = self.meta["splits"][split]
     if len(tokens) != want["tokens"] or len(offsets) != want["documents"] + 1:
       raise UserError(f"{self.path}: {split} has {len(tokens)} tokens and {len(offsets) - 1} documents, "
-                      f"meta.json says {want['tokens']} and {want['documents']}",
-                      "the store is damaged; prepare it again with --overwrite")
+                      f"meta.json says {want['tokens']} and {want['documents']}", _DAMAGED)
     if verify and crc32(tokens) != want["crc32"]:
-      raise UserError(f"{self.path}: {split} tokens do not match their checksum in meta.json",
-                      "the store is damaged; prepare it again with --overwrite")
+      raise UserError(f"{self.path}: {split} tokens do not match their checksum in meta.json", _DAMAGED)
     return tokens, offsets
 
 
