@@ -39,7 +39,8 @@ from flax import nnx
 from jaxlm.api import load_config
 from jaxlm.data.tokenizer import ByteTokenizer, padded_vocab_size
 from jaxlm.generate import NEG, Generator, Sampling, choose
-from jaxlm.models.gpt import GPT, ModelConfig
+from jaxlm.models.decoder import GPT
+from jaxlm.models.transformer import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

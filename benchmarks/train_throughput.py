@@ -71,8 +71,9 @@ def measure_row(config_name: str, overrides: dict, mesh: tuple, steps: int) -> d
 
   from jaxlm.data.tokenizer import ByteTokenizer, padded_vocab_size
   from jaxlm.data.text import train_batch
+from jaxlm.objectives.clm import next_token
   from jaxlm.metrics import flops_per_token
-  from jaxlm.models.gpt import ModelConfig
+  from jaxlm.models.transformer import ModelConfig
   from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
   from jaxlm.train import compile_steps, create_train_state
 
@@ -92,7 +93,7 @@ def measure_row(config_name: str, overrides: dict, mesh: tuple, steps: int) -> d
     setup, state, shardings = create_train_state(c, model_config, np.ones(model_config.vocab_size), mesh_)
     sharding = batch_sharding(mesh_, rules)
     train, _ = compile_steps(setup, shardings, sharding)
-    batches = [to_global_batch(train_batch(tokens, i, seq_len=t, batch_size=b, seed=0), sharding)
+    batches = [to_global_batch(next_token(train_batch(tokens, i, seq_len=t, batch_size=b, seed=0)), sharding)
                for i in range(8)]
     start = time.perf_counter()
     compiled = train.lower(state, batches[0]).compile()

@@ -6,6 +6,8 @@
     run.plot()                                   # training and validation loss
     print(run.generate("Once upon a time", max_new_tokens=100))
     run.evaluate()                               # {'loss': ..., 'perplexity': ..., 'bits_per_byte': ...}
+    bert = jaxlm.load("/tmp/bert")               # a masked-LM run (objective mlm):
+    print(bert.fill("The <mask><mask><mask> sat.", top_k=3).text)
 
 `jaxlm sample` and `jaxlm eval` are this API behind flags. (`fit`, not `train`: jaxlm.train is the module
 of the pure train_step.)
@@ -27,11 +29,12 @@ from jaxlm.data.store import TokenStore, is_store
 from jaxlm.data.text import load_data, read_text
 from jaxlm.data.tokenizer import load_tokenizer_json, padded_vocab_size
 from jaxlm.errors import UserError
-from jaxlm.evaluate import evaluate_tokens
+from jaxlm.evaluate import stream_evaluator, stream_rows
 from jaxlm.generate import Generator, Sampling
-from jaxlm.models.gpt import ModelConfig
-from jaxlm.parallel import batch_sharding, make_mesh
-from jaxlm.train import plan_train_state
+from jaxlm.models.transformer import ModelConfig
+from jaxlm.objectives import clm, mlm
+from jaxlm.parallel import Inference, batch_sharding, make_mesh
+from jaxlm.train import compile_eval, plan_train_state
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
@@ -79,8 +82,9 @@ def _local_mesh(config: ml_collections.ConfigDict):
 
 
 class Run:
-  """A trained model and what came with it. Attributes: workdir, step, config, tokenizer,
-  model_config, graphdef, params (sharded over `mesh`)."""
+  """A trained model and what came with it. Attributes: workdir, step, config, objective, tokenizer,
+  model_config, graphdef, params (sharded over `mesh`). A decoder run (objective clm) generates, an
+  encoder run (mlm) fills masks; both evaluate."""
 
   def __init__(self, workdir: str, step: int | None = None):
     self.workdir = workdir
@@ -100,9 +104,12 @@ class Run:
       setup, init, shardings = plan_train_state(self.config, self.model_config, self.token_bytes, self.mesh)
       abstract = abstract_like(jax.eval_shape(init).params, shardings.params)
       self.params, self.step = load_params(where, abstract)
-    self.graphdef = setup.graphdef
+    self.graphdef, self.objective, self._setup, self._shardings = setup.graphdef, setup.objective, setup, shardings
     self._generator = Generator(self.graphdef, self.params, self.model_config, eos_id=self.tokenizer.EOS,
                                 vocab_limit=self.tokenizer.vocab_size, mesh=self.mesh, rules=self.rules)
+    self._filler = mlm.Filler(self.graphdef, self.params, self.tokenizer, self.model_config.vocab_size,
+                              self.model_config.max_seq_len, Inference(self.mesh, self.rules))
+    self._evaluator = None  # built (and compiled) by the first evaluate()
 
   def __repr__(self) -> str:
     return f"Run({self.workdir!r}, step={self.step}, {self.model_config})"
@@ -137,37 +144,68 @@ class Run:
     return texts[0] if num_samples == 1 else texts
 
   def check_prompt(self, prompt: str, max_new_tokens: int | None = None) -> tuple[np.ndarray, int]:
-    """(prompt ids, new tokens), or a UserError if they do not fit the model's positions."""
-    ids = self.tokenizer.encode(prompt).astype(np.int32)
+    """(prompt ids, new tokens), or a UserError if this run does not continue text or they do not fit
+    the model's positions."""
+    self._needs("continue", "generate")
+    if mlm.MASK_TEXT in prompt:
+      raise UserError(f"the prompt has {mlm.MASK_TEXT}, but {self.workdir} is a decoder (objective "
+                      f"{self.objective.name}): it continues text, it does not fill masks",
+                      "give a prompt without <mask>, or sample a run trained with --config.objective=mlm")
+    ids = clm.prompt_ids(self.tokenizer, prompt, self.config.data.sequences == "packed")
     new = self._generator.room(len(ids)) if max_new_tokens is None else max_new_tokens
     self._generator.check([ids], new)
     return ids, new
 
+  def fill(self, prompt: str, *, top_k: int = 0) -> mlm.Filled:
+    """Every `<mask>` of the prompt filled with its most likely token (an encoder run, objective mlm):
+    `.text`, and `.candidates`: per mask, the `top_k` most likely (token text, probability)."""
+    self._needs("fill", "fill")
+    if top_k < 0:
+      raise UserError(f"top_k must be 0 or more, got {top_k}", "e.g. --top_k=5; 0 shows none")
+    return self._filler(prompt, top_k)
+
+  def _needs(self, kind: str, what: str) -> None:
+    if self.objective.prompt_kind != kind:
+      other = "fill" if kind == "continue" else "generate"
+      raise UserError(f"{self.workdir} is a {self.objective.family} run (objective {self.objective.name}); "
+                      f"it cannot {what}", f"use {other}() (`jaxlm sample` picks it by itself)")
+
   def evaluate(self, data: str | None = None) -> dict:
-    """Loss (nats per token), perplexity and bits per byte over every token of a text file, of a
-    prepared store's validation split, or (default) of the run's own validation split."""
-    tokens, source = self._eval_tokens(data)
+    """The objective's metrics over every token of a text file, of a prepared store's validation split,
+    or (default) of the run's own validation split: loss (nats per counted token), perplexity, bits per
+    byte, and accuracy for a masked LM (over masks drawn from the run's seed, the same every call).
+    The eval step compiles once per Run."""
+    tokens, weights, source = self._eval_tokens(data)
     seq_len, batch = self.config.data.seq_len, self.config.data.batch_size
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     batch = -(-batch // shards) * shards
+    sharding = batch_sharding(self.mesh, self.rules)
+    if self._evaluator is None:
+      step = compile_eval(self._setup, self._shardings.params, sharding)
+      self._evaluator = stream_evaluator(step, self.objective, self.tokenizer, self.config.seed, sharding, batch)
+    rows = stream_rows(tokens, seq_len, batch, jax.process_index(), jax.process_count(), weights)
     with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-      result = evaluate_tokens(self.graphdef, self.params, tokens, self.token_bytes, seq_len=seq_len,
-                               batch_size=batch, sharding=batch_sharding(self.mesh, self.rules))
-    return {**result, "data": source, "step": self.step}
+      result = self._evaluator.evaluate(self.params, rows)
+    counted = ("masked tokens" if self.objective.prompt_kind == "fill" else
+               "every token" if weights is None else "tokens of weight 1 (responses)")
+    return {**result, "data": source, "step": self.step, "objective": self.objective.name, "counted": counted}
 
-  def _eval_tokens(self, data: str | None) -> tuple[np.ndarray, str]:
+  def _eval_tokens(self, data: str | None) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(tokens, their loss weights or None, a description)."""
     if data is None:
-      return load_data(self.config.data).val_tokens, f"{self.config.data.path or 'built-in fairy tales'} (validation)"
+      corpus = load_data(self.config.data)
+      return corpus.val_tokens, corpus.val_weights, f"{self.config.data.path or 'built-in fairy tales'} (validation)"
     if is_store(data):
       store = TokenStore(data)
       if load_tokenizer_json(store.tokenizer_json).to_json() != self.tokenizer.to_json():
         raise UserError(f"{data} was tokenized with another tokenizer than {self.workdir}",
                         "evaluate on a text file, or a store prepared with this run's tokenizer.json")
-      return store.read("validation")[0], f"{data} (validation)"
+      weights = store.read_weights("validation") if store.pairs is not None else None
+      return store.read("validation")[0], weights, f"{data} (validation)"
     tokens = self.tokenizer.encode(read_text(data))
     if len(tokens) < 2:
       raise UserError(f"{data} is too short to evaluate", "give a file with more text")
-    return tokens, data
+    return tokens, None, data
 
   def metrics(self) -> list[dict]:
     """metrics.jsonl: one dict per logged step (training) or evaluation (val_*)."""

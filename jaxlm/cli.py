@@ -25,9 +25,10 @@ USAGE = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.s
   train     train a model per the config (resumes if the workdir has a checkpoint)
   prepare   tokenize .txt / .jsonl files and folders (optionally .gz) into a token store for
             --config.data.path
-  sample    generate text from a trained workdir; it streams as it is decoded
-  eval      loss, perplexity and bits per byte of a workdir's model over every token of a text file
-            or store (default: the run's validation split)
+  sample    generate text from a trained workdir (it streams as it is decoded); for a masked-LM
+            run, fill the <mask>s of --prompt
+  eval      loss, perplexity and bits per byte (and a masked LM's accuracy) of a workdir's model over
+            every token of a text file or store (default: the run's validation split)
 """
 
 _TRAIN_FLAGS = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.section.key=value ...]
@@ -128,6 +129,8 @@ def _define_prepare(values: flags.FlagValues) -> None:
   flags.DEFINE_string("output", None, "store folder or gs:// URL", flag_values=values)
   flags.DEFINE_string("tokenizer", "byte", "byte, bpe:VOCAB or a tokenizer.json", flag_values=values)
   flags.DEFINE_string("text_field", "text", "the JSONL field that holds the text", flag_values=values)
+  flags.DEFINE_string("pairs", None, "fine-tuning examples: JSONL fields PROMPT,RESPONSE, loss on the response "
+                      "(bare: prompt,response)", flag_values=values)
   flags.DEFINE_float("val_fraction", 0.01, "share of documents for validation", flag_values=values)
   flags.DEFINE_integer("workers", 1, "tokenizer processes", flag_values=values)
   flags.DEFINE_integer("seed", 0, "seed of the train/validation split", flag_values=values)
@@ -136,15 +139,22 @@ def _define_prepare(values: flags.FlagValues) -> None:
   flags.DEFINE_bool("overwrite", False, "replace an existing store", flag_values=values)
 
 
+def _bare_pairs_to_default(argv: list[str]) -> list[str]:
+  """A bare --pairs (last, or before another flag) becomes --pairs=prompt,response: absl string flags need
+  a value."""
+  return [f"{arg}=prompt,response" if arg in ("--pairs", "-pairs") and after.startswith("-") else arg
+          for arg, after in zip(argv, argv[1:] + ["-"])]
+
+
 def parse_prepare_flags(argv: list[str]) -> dict:
-  values = _parse_flags(argv, _define_prepare)
+  values = _parse_flags(_bare_pairs_to_default(argv), _define_prepare)
   if not values.input:
     raise UserError("missing --input", "e.g. --input=corpus/ or --input=data.jsonl.gz")
   if not values.output:
     raise UserError("missing --output", "e.g. --output=data/mystore")
-  return {name: values[name].value for name in ("input", "output", "tokenizer", "text_field",
-                                                "val_fraction", "workers", "seed", "strict_utf8",
-                                                "overwrite")}
+  args = {name: values[name].value for name in ("input", "output", "tokenizer", "text_field", "val_fraction",
+                                                "workers", "seed", "strict_utf8", "overwrite")}
+  return {**args, "pairs": None if values.pairs is None else tuple(values.pairs.split(","))}
 
 
 def prepare(argv: list[str]) -> None:
@@ -155,10 +165,13 @@ def prepare(argv: list[str]) -> None:
   meta = run_prepare(inputs, output, **args)
   train, val = meta["splits"]["train"], meta["splits"]["validation"]
   replaced = meta["sources"]["invalid_utf8_replaced"]
+  pairs = (f"; pairs {','.join(meta['pairs'])}: loss on {train['weighted_tokens']:,} of {train['tokens']:,} "
+           "training tokens") if "pairs" in meta else ""
   print(f"{output}: {meta['sources']['files']} files, {train['documents'] + val['documents']:,} documents, "
         f"{train['tokens']:,} training / {val['tokens']:,} validation tokens ({meta['tokenizer']['type']}, "
         f"vocabulary {meta['tokenizer']['vocab_size']:,}; split by {meta['split_by']}) in "
-        f"{meta['seconds']:.1f} s" + (f"; {replaced:,} invalid UTF-8 sequences replaced" if replaced else ""))
+        f"{meta['seconds']:.1f} s" + pairs
+        + (f"; {replaced:,} invalid UTF-8 sequences replaced" if replaced else ""))
 
 
 def _parse_flags(argv: list[str], define) -> flags.FlagValues:
@@ -182,11 +195,13 @@ def _parse_run_flags(argv: list[str], define) -> flags.FlagValues:
 
 def _define_sample(v: flags.FlagValues) -> None:
   flags.DEFINE_string("workdir", None, "the run's workdir", flag_values=v)
-  flags.DEFINE_string("prompt", None, "text to continue (default: the run's train.sample_prompt)", flag_values=v)
+  flags.DEFINE_string("prompt", None, "text to continue (default: the run's train.sample_prompt); for a "
+                      "masked-LM run, text with <mask> where tokens are missing", flag_values=v)
   flags.DEFINE_integer("num_samples", 1, "how many continuations", flag_values=v)
   flags.DEFINE_integer("max_new_tokens", 0, "tokens to generate (0: as many as fit)", flag_values=v)
   flags.DEFINE_float("temperature", 0.8, "0: greedy", flag_values=v)
-  flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0: all)", flag_values=v)
+  flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0: all); masked LM: also "
+                       "print the k most likely tokens of each mask", flag_values=v)
   flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of probability p (1: all)", flag_values=v)
   flags.DEFINE_integer("seed", 0, "random seed", flag_values=v)
   flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=v)
@@ -215,7 +230,7 @@ def _start_jax_for(workdir: str) -> None:
 def sample(argv: list[str]) -> None:
   v = _parse_run_flags(argv, _define_sample)
   from jaxlm.config import check_utf8
-  from jaxlm.generate import Sampling, positions_full
+  from jaxlm.generate import Sampling
 
   if v.prompt is not None:
     check_utf8("--prompt", v.prompt)
@@ -225,12 +240,42 @@ def sample(argv: list[str]) -> None:
   if v.max_new_tokens < 0:
     raise UserError(f"--max_new_tokens must be positive, got {v.max_new_tokens}", "0 means as many as fit")
   _start_jax_for(v.workdir)
-  import jax
-
   from jaxlm.api import load
 
   run = load(v.workdir, v.step)
   prompt = run.config.train.sample_prompt if v.prompt is None else v.prompt
+  if run.objective.prompt_kind == "fill":
+    _fill(run, v, prompt)
+  else:
+    _continue(run, v, prompt)
+
+
+_FILL_FLAGS = ("num_samples", "max_new_tokens", "temperature", "top_p", "seed")  # (decoding only)
+
+
+def _fill(run, v: flags.FlagValues, prompt: str) -> None:
+  """`jaxlm sample` of a masked-LM run: the prompt with its masks filled, and each mask's top-k."""
+  import jax
+
+  given = [f"--{name}" for name in _FILL_FLAGS if v[name].present]
+  if given:
+    raise UserError(f"{', '.join(given)} do{'es' * (len(given) == 1)} not apply to {run.workdir}, a masked-LM "
+                    f"run (objective {run.objective.name}): it fills masks in one pass, it does not decode",
+                    "drop them; --prompt, --top_k and --step apply")
+  filled = run.fill(prompt, top_k=v.top_k)
+  if jax.process_index() == 0:
+    print(filled.text)
+    for n, candidates in enumerate(filled.candidates, 1):
+      shown = "  ".join(f"{text!r} {p:.3f}" for text, p in candidates)
+      print(f"  <mask> {n}: {shown}")
+
+
+def _continue(run, v: flags.FlagValues, prompt: str) -> None:
+  """`jaxlm sample` of a decoder run: continuations streamed as they are decoded."""
+  import jax
+
+  from jaxlm.generate import positions_full
+
   run.check_prompt(prompt, v.max_new_tokens or None)  # (before anything is printed)
   chief = jax.process_index() == 0
 
@@ -267,10 +312,11 @@ def evaluate(argv: list[str]) -> None:
   if v.json:
     print(json.dumps(result))
   else:
-    print(f"{result['data']} at step {result['step']}, every token ({result['tokens']:,}): loss "
+    accuracy = f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+    print(f"{result['data']} at step {result['step']}, {result['counted']} ({result['tokens']:,}): loss "
           f"{result['loss']:.4f}, perplexity {result['perplexity']:.3f}, bits per byte "
-          f"{result['bits_per_byte']:.4f} (training's val_loss is an estimate of this from "
-          f"{run.config.train.eval_batches} batches of windows)")
+          f"{result['bits_per_byte']:.4f}{accuracy} (training's val_loss is an estimate of this from "
+          f"{run.config.train.eval_batches} batches)")
 
 
 _DEFINES = {"prepare": _define_prepare, "sample": _define_sample, "eval": _define_eval}

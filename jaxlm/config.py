@@ -14,6 +14,7 @@ import math
 import ml_collections
 
 from jaxlm.errors import UserError
+from jaxlm.objectives import NAMES as OBJECTIVES
 
 # Logical axis -> mesh axes. Parameters use embed/heads/kv/mlp/vocab, activations batch/seq/act_embed
 # (and heads/mlp/vocab). FSDP shards parameters' `embed` over `fsdp` and the batch over data x fsdp;
@@ -65,7 +66,9 @@ ANY = None  # any value of the key's type
 
 # (key, default, domain: a Range, a tuple of choices or ANY, description). The one list of config keys.
 SCHEMA = (
-    ("seed", 0, NON_NEGATIVE, "seeds the parameters, the data order and dropout"),
+    ("objective", "clm", OBJECTIVES, "what the model learns: clm (causal LM, a decoder; with a pairs store, "
+     "SFT) | mlm (masked LM, a bidirectional encoder)"),
+    ("seed", 0, NON_NEGATIVE, "seeds the parameters, the data order, dropout and masks"),
     ("init_from", "", ANY, "a workdir or WORKDIR/STEP whose parameters a fresh run starts from "
      "(fine-tuning); a resume wins"),
     ("data.path", "", ANY, "a UTF-8 text file or a `jaxlm prepare` store; empty: the built-in fairy tales"),
@@ -276,9 +279,9 @@ def resolved(c: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, l
   return c, notes
 
 
-# Keys that change the shapes of the parameters (or what a token means): a workdir's checkpoints only
+# Keys that change the shapes of the parameters (or what they mean): a workdir's checkpoints only
 # fit a config that agrees on them. Everything else (mesh, steps, learning rate...) may change on resume.
-SHAPE_KEYS = ("model.num_layers", "model.num_heads", "model.width", "model.mlp_width",
+SHAPE_KEYS = ("objective", "model.num_layers", "model.num_heads", "model.width", "model.mlp_width",
               "model.max_seq_len", "model.vocab_size", "model.position", "model.norm", "model.mlp",
               "model.tie_embeddings", "model.use_bias")
 
@@ -293,7 +296,7 @@ def resume_changes(saved: dict, c: ml_collections.ConfigDict, workdir: str) -> l
   for key in changed:
     if key in SHAPE_KEYS:
       raise UserError(f"{workdir} was trained with {key}={old.get(key)!r}; this run asks for "
-                      f"{new.get(key)!r}, which changes the parameters' shapes",
+                      f"{new.get(key)!r}, which changes the model its checkpoints hold",
                       f"drop --config.{key} to resume this run, or give a new --workdir to start fresh")
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 

@@ -1,53 +1,69 @@
-"""Evaluation of a whole token stream: every token after the first is predicted exactly once.
+"""Evaluation: an objective's sums added over batches by one compiled eval step, and the rows of a whole
+token stream.
 
-The stream is cut into consecutive windows of seq_len + 1 tokens that overlap by one (the last
-target of a window is the first input of the next); the last window and the last batch are padded
-with weight-0 positions. Loss sums, token and byte counts add up over batches into cross-entropy,
-perplexity and bits per byte.
+The loop's periodic evaluation (a fixed sample of validation batches) and `jaxlm eval` / `Run.evaluate`
+(every token of a split or file) both go through an `Evaluator`, which keeps its compiled eval step:
+evaluating again does not compile again.
+
+A stream is cut into consecutive rows of seq_len + 1 tokens that overlap by one (the last token of a row
+is the first, context, token of the next), so every token after the first is in exactly one row's last
+seq_len: a causal LM predicts each once, a masked LM may select each once. The last row and the last
+batch are padded with weight-0 positions in segment 0, which no real position attends to.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jaxlm.objectives import causal_lm_loss_sums
+from jaxlm.data.text import first_row
+from jaxlm.objectives.base import EVAL_STREAM, summarize
 from jaxlm.parallel import to_global_batch
 
 
-def stream_batches(tokens: np.ndarray, seq_len: int, batch_size: int, process_index: int = 0,
-                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """This process's rows of batches covering the stream: inputs, targets, weights (B, T)."""
+class Evaluator:
+  """Adds the sums of `eval_step(params, batch)` over batches of rows made into the objective's batches
+  by `transform`, one batch in flight at a time (as in training)."""
+
+  def __init__(self, eval_step: Callable, transform: Callable, sharding, first_row: int = 0):
+    self.eval_step, self.transform, self.sharding, self.first_row = eval_step, transform, sharding, first_row
+
+  def totals(self, params, rows: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    total = {}
+    for i, r in enumerate(rows):
+      batch = to_global_batch(self.transform(r, i, self.first_row), self.sharding)
+      for k, v in jax.device_get(self.eval_step(params, batch)).items():
+        total[k] = total.get(k, 0.0) + float(v)
+    return total
+
+  def evaluate(self, params, rows: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    """loss, perplexity, bits_per_byte, accuracy (where the objective counts it) and counted tokens."""
+    return summarize(self.totals(params, rows))
+
+
+def stream_rows(tokens: np.ndarray, seq_len: int, batch_size: int, process_index: int = 0,
+                process_count: int = 1, weights: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """This process's rows of batches covering the stream: tokens (B, T + 1), weights and segment ids (B, T).
+
+  `weights` (one per token of the stream, e.g. a pairs store's) mark which tokens count; by default all.
+  """
   windows = max(1, -(-(len(tokens) - 1) // seq_len))
   rows = batch_size // process_count
   for first in range(0, windows, batch_size):
-    batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in ("inputs", "targets")}
-    batch["weights"] = np.zeros((batch_size, seq_len), np.float32)
-    for row, w in enumerate(range(first, min(first + batch_size, windows))):
-      piece = np.asarray(tokens[w * seq_len:w * seq_len + seq_len + 1], np.int32)
+    batch = {"tokens": np.zeros((batch_size, seq_len + 1), np.int32),
+             "weights": np.zeros((batch_size, seq_len), np.float32),
+             "segment_ids": np.zeros((batch_size, seq_len), np.int32)}
+    for row, w in enumerate(range(first, min(first + batch_size, windows))):  # (w: the window)
+      at = slice(w * seq_len, w * seq_len + seq_len + 1)
+      piece = np.asarray(tokens[at], np.int32)
       n = len(piece) - 1
-      batch["inputs"][row, :n], batch["targets"][row, :n] = piece[:-1], piece[1:]
-      batch["weights"][row, :n] = 1.0
+      batch["tokens"][row, :n + 1] = piece
+      batch["weights"][row, :n] = 1.0 if weights is None else np.asarray(weights[at][1:], np.float32)
+      batch["segment_ids"][row, :n] = 1
     yield {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
 
 
-def evaluate_tokens(graphdef: nnx.GraphDef, params: nnx.State, tokens: np.ndarray, token_bytes: np.ndarray,
-                    *, seq_len: int, batch_size: int, sharding) -> dict[str, float]:
-  """loss (nats per token), perplexity, bits_per_byte and the token count over the whole stream."""
-  token_bytes = jnp.asarray(token_bytes, jnp.float32)
-
-  @jax.jit
-  def sums(params, batch):
-    model = nnx.merge(graphdef, params)
-    return causal_lm_loss_sums(model(batch["inputs"]), batch, token_bytes)
-
-  total = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
-  for batch in stream_batches(tokens, seq_len, batch_size, jax.process_index(), jax.process_count()):
-    for k, v in jax.device_get(sums(params, to_global_batch(batch, sharding))).items():
-      total[k] += float(v)
-  loss = total["loss_sum"] / max(total["tokens"], 1.0)
-  return {"loss": loss, "perplexity": float(np.exp(loss)),
-          "bits_per_byte": total["loss_sum"] / (np.log(2) * max(total["bytes"], 1.0)),
-          "tokens": int(total["tokens"])}
+def stream_evaluator(eval_step, objective, tokenizer, seed: int, sharding, batch_size: int) -> Evaluator:
+  """The Evaluator of `jaxlm eval`: the objective's batches of the EVAL stream (fixed masks per seed)."""
+  first = first_row(batch_size, jax.process_index(), jax.process_count())
+  return Evaluator(eval_step, objective.transform(tokenizer, seed, EVAL_STREAM), sharding, first)

@@ -16,7 +16,6 @@ decoding is split into chunks for streaming.
 With a mesh, the parameters keep their sharding (FSDP, tensor parallel); the batch is replicated.
 """
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -25,12 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax.sharding import NamedSharding, PartitionSpec
-
 from jaxlm.config import DEFAULT_RULES
 from jaxlm.errors import UserError
-from jaxlm.models.gpt import ModelConfig, init_cache
-from jaxlm.parallel import constrain
+from jaxlm.models.decoder import init_cache
+from jaxlm.models.transformer import ModelConfig
+from jaxlm.parallel import Inference, constrain
 
 NEG = jnp.finfo(jnp.float32).min
 
@@ -101,8 +99,7 @@ class Generator:
                eos_id: int, vocab_limit: int | None = None, mesh=None, rules=DEFAULT_RULES):
     self.graphdef, self.params, self.cfg = graphdef, params, model_config
     self.eos_id, self.vocab_limit, self.mesh = eos_id, vocab_limit, mesh
-    # Parameters keep their rules; the (small) batch of a generation is replicated over the mesh.
-    self.rules = tuple((name, None if name == "batch" else axes) for name, axes in rules)
+    self.place = Inference(mesh, rules)
     self._compiled = {}
 
   def room(self, prompt_length: int) -> int:
@@ -144,44 +141,28 @@ class Generator:
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.asarray(ids, jnp.uint32))
     settings = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
     prefill, decode = self._programs(b, padded, width)
-    with self._context():
-      state = prefill(self.params, self._put(tokens), self._put(lengths), self._put(keys),
+    with self.place.context():
+      state = prefill(self.params, self.place.put(tokens), self.place.put(lengths), self.place.put(keys),
                       jnp.int32(max_new_tokens), *settings)
       while True:
-        if bool(np.any(self._fetch(state["broken"]))):
+        if bool(np.any(self.place.fetch(state["broken"]))):
           raise UserError("the model's logits are not finite (NaN or inf): its parameters come from a run "
                           "that diverged", "sample an earlier --step, or train again with a lower optim.lr")
         if on_tokens is not None:
           on_tokens(self._new_tokens(state, lengths))
-        if int(state["n"]) >= max_new_tokens or bool(np.all(self._fetch(state["done"]))):
+        if int(state["n"]) >= max_new_tokens or bool(np.all(self.place.fetch(state["done"]))):
           break
         stop_at = max_new_tokens if chunk <= 0 else int(state["n"]) + chunk
         state = decode(self.params, state, jnp.int32(stop_at), jnp.int32(max_new_tokens), *settings)
     return self._new_tokens(state, lengths)
 
-  def _put(self, x) -> jax.Array:
-    """A host array as a replicated global array (what every process passes in a multi-process run)."""
-    if self.mesh is None:
-      return jnp.asarray(x)
-    return jax.make_array_from_process_local_data(NamedSharding(self.mesh, PartitionSpec()), np.asarray(x))
-
-  def _fetch(self, x: jax.Array) -> np.ndarray:
-    return np.asarray(x.addressable_data(0))  # replicated: every process has all of it
-
   def _new_tokens(self, state, lengths) -> list[np.ndarray]:
-    out, last, done = self._fetch(state["out"]), self._fetch(state["pos"]), self._fetch(state["done"])
+    out, last, done = self.place.fetch(state["out"]), self.place.fetch(state["pos"]), self.place.fetch(state["done"])
     rows = []
     for row, start in enumerate(lengths):
       new = out[row, start:last[row] + 1]
       rows.append(new[:-1] if len(new) and done[row] and new[-1] == self.eos_id else new)
     return rows
-
-  def _context(self) -> contextlib.ExitStack:
-    stack = contextlib.ExitStack()
-    if self.mesh is not None:
-      stack.enter_context(jax.set_mesh(self.mesh))
-    stack.enter_context(nnx.logical_axis_rules(self.rules))
-    return stack
 
   def _programs(self, b: int, padded: int, width: int):
     if (b, padded, width) not in self._compiled:

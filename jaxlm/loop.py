@@ -18,16 +18,19 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxlm import generate
+from jaxlm import objectives
 from jaxlm.checkpoint import Checkpoints, abstract_like, load_params, resolve_checkpoint
 from jaxlm.config import resolved, resume_changes, to_json, validate
-from jaxlm.data.text import Corpus, load_data
+from jaxlm.data.text import Corpus, first_row, load_data
 from jaxlm.data.tokenizer import padded_vocab_size, save_tokenizer
 from jaxlm.errors import RunFailed, UserError
+from jaxlm.evaluate import Evaluator
 from jaxlm.metrics import MetricsLog, Progress, flops_per_token, param_count
-from jaxlm.models.gpt import ModelConfig
+from jaxlm.models.transformer import ModelConfig
+from jaxlm.objectives.base import TRAIN_STREAM, VAL_STREAM
 from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
 from jaxlm.preemption import StopSignals, stop_requested
+from jaxlm.samples import end_sample
 from jaxlm.train import compile_steps, plan_train_state
 from jaxlm.workdir import Workdir, saved_config
 
@@ -48,6 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
       hold.lock()  # before reading what is there: another run may be writing it
     _check_start(config, workdir, progress)
     corpus = load_data(config.data)
+    objectives.get(config.objective).check_data(corpus)
     model_config, token_bytes = model_for(config, corpus.tokenizer, tensor=shape[2])
     hold.lock()  # (a new workdir is created only now, after the data and config checks)
     mesh, rules = make_mesh(shape), tuple(config.mesh.rules)
@@ -62,7 +66,20 @@ def _check_start(config, workdir: str, progress: Progress) -> None:
     if changes := resume_changes(saved, config, workdir):
       progress.message("resuming with changed settings: " + "; ".join(changes))
   elif config.init_from:
-    resolve_checkpoint(config.init_from)  # a bad path fails now, not after the data is loaded
+    directory, _ = resolve_checkpoint(config.init_from)  # a bad path fails now, not after the data is loaded
+    _check_family(config, os.path.dirname(directory))
+
+
+def _check_family(config, source: str) -> None:
+  """init_from's run must have trained the model family this objective trains."""
+  if (saved := saved_config(source)) is None:
+    return  # (a bare checkpoint folder: the parameters' shapes are still checked)
+  theirs = saved.get("objective", "clm")
+  mine, other = objectives.get(config.objective), objectives.get(theirs)
+  if other.family != mine.family:
+    raise UserError(f"init_from={config.init_from} is a {other.family} (objective {theirs}); objective "
+                    f"{config.objective} trains a {mine.family}",
+                    f"start from a run of objective {config.objective}, or drop --config.init_from")
 
 
 def model_for(config, tokenizer, tensor: int = 1) -> tuple[ModelConfig, np.ndarray]:
@@ -106,6 +123,28 @@ class StepTimer:
     return statistics.median(self.seconds[-last:] if last else self.seconds) if self.seconds else math.nan
 
 
+VAL_NAMES = {"perplexity": "ppl", "bits_per_byte": "bpb"}  # evaluation results -> metrics.jsonl keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """When a step is logged, evaluated and saved: every N steps of each, and all three at the last."""
+
+  steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+
+  def log(self, done: int) -> bool:
+    return done % self.log_every == 0 or done == self.steps
+
+  def evaluate(self, done: int) -> bool:
+    return done % self.eval_every == 0 or done == self.steps
+
+  def save(self, done: int, stopping: bool) -> bool:
+    return done % self.checkpoint_every == 0 or done == self.steps or stopping
+
+
 class Trainer:
   """One run's phases: restore-or-init, the step loop, evaluation, the checkpoint/stop policy, the end."""
 
@@ -116,11 +155,14 @@ class Trainer:
     self.log = MetricsLog(workdir, enabled=jax.process_index() == 0)
     self.timer, self.last = StepTimer(), {}
     c = config.train
+    self.policy = Policy(c.steps, c.log_every, c.eval_every, c.checkpoint_every)
     self.batch_kwargs = dict(seq_len=config.data.seq_len, batch_size=config.data.batch_size,
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count())
     self.setup, self.init, self.shardings = plan_train_state(config, model_config, token_bytes, mesh)
-    self.data = corpus.train_batches(workers=config.data.loader_workers, **self.batch_kwargs)
+    self.objective = self.setup.objective
+    self.data = corpus.train_batches(workers=config.data.loader_workers, **self.batch_kwargs,
+                                     transform=self.objective.transform(corpus.tokenizer, config.seed, TRAIN_STREAM))
     self.checkpoints = Checkpoints(workdir, c.keep_checkpoints, c.keep_best)
     self.sharding = batch_sharding(mesh, tuple(config.mesh.rules))
 
@@ -134,9 +176,12 @@ class Trainer:
                               "(raise --config.train.steps to train on; `jaxlm sample` and `jaxlm eval` "
                               "use it as it is)")
         return {"finished_at": start}
-      self.train, self.evaluate = compile_steps(self.setup, self.shardings, self.sharding)
-      self.val_batches = [to_global_batch(x, self.sharding) for x in self.corpus.eval_batches(
-          num_batches=self.config.train.eval_batches, **self.batch_kwargs)]
+      self.train, self.eval_step = compile_steps(self.setup, self.shardings, self.sharding)
+      kw = self.batch_kwargs
+      self.evaluator = Evaluator(self.eval_step, self.objective.transform(self.corpus.tokenizer, kw["seed"],
+                                                                          VAL_STREAM),
+                                 self.sharding, first_row(kw["batch_size"], kw["process_index"], kw["process_count"]))
+      self.val_rows = self.corpus.eval_batches(num_batches=self.config.train.eval_batches, **kw)
       state, stopped_at = self.steps(state)
     finally:
       self.checkpoints.close()  # pending saves are committed, also when the run stops with an error
@@ -165,19 +210,21 @@ class Trainer:
       with open(os.path.join(self.workdir, "config.json"), "w") as f:
         f.write(to_json(self.config))
       save_tokenizer(self.corpus.tokenizer, os.path.join(self.workdir, "tokenizer.json"))
-    shape = self.mesh.shape
+    shape, objective = self.mesh.shape, self.setup.objective
+    sft = f" (loss on the {self.corpus.pairs[1]} tokens)" if self.corpus.pairs else ""
     self.progress.message(
         f"{self.corpus.source}: {self.corpus.train_count:,} training / {len(self.corpus.val_tokens):,} "
-        f"validation tokens; model {param_count(self.model_config):,} parameters; mesh data={shape['data']} "
+        f"validation tokens; objective {objective.name}{sft}: {objective.family} of "
+        f"{param_count(jax.eval_shape(self.init).params):,} parameters; mesh data={shape['data']} "
         f"fsdp={shape['fsdp']} tensor={shape['tensor']} on {jax.device_count()} "
         f"{jax.devices()[0].platform} devices")
 
   def steps(self, state):
     """Steps from the state's step to train.steps; returns (state, the step a stop signal ended at)."""
-    c = self.config.train
     previous = None  # metrics of the step dispatched before this one
-    for step in range(int(state.step), c.steps):
-      state, metrics = self.train(state, to_global_batch(next(self.data), self.sharding))
+    for step in range(int(state.step), self.policy.steps):
+      self.last_batch = batch = to_global_batch(next(self.data), self.sharding)
+      state, metrics = self.train(state, batch)
       for value in metrics.values():  # queued now, behind this step: the next step does not delay it
         value.copy_to_host_async()
       if previous is not None:
@@ -188,16 +235,15 @@ class Trainer:
       self.checkpoints.check()  # a save that failed in the background stops the run now
       if (first := self.timer.stepped()) is not None:
         self.progress.message(f"first step compiled and dispatched in {first:.1f} s")
-      done = step + 1
-      if done % c.log_every == 0 or done == c.steps:
+      done, policy = step + 1, self.policy
+      if policy.log(done):
         self.log_step(done, metrics)
-      evaluated = done % c.eval_every == 0 or done == c.steps
-      if evaluated:
+      if evaluated := policy.evaluate(done):
         self.evaluate_now(done, state.params)
       stop = stop_requested(self.signals)
-      if done % c.checkpoint_every == 0 or done == c.steps or stop:
+      if saved := policy.save(done, stop):
         self.save(done, state, metrics, evaluated)
-      if evaluated or done % c.checkpoint_every == 0:
+      if evaluated or saved:
         self.timer.pause()
       if stop:
         return state, done
@@ -209,22 +255,18 @@ class Trainer:
     values["tokens_per_sec"] = self.config.data.batch_size * self.config.data.seq_len / sec if sec > 0 else 0.0
     self.log.write(step, **values)
     self.last.update(values)
-    self.progress.update(step, values["loss"], values["lr"], values["tokens_per_sec"], sec)
+    self.progress.update(step, values["loss"], values["lr"], values["tokens_per_sec"], sec,
+                         accuracy=values.get("accuracy"))
     self.check_finite(step, values)
 
   def evaluate_now(self, step: int, params) -> None:
     """val_loss: an estimate from the fixed train.eval_batches batches (`jaxlm eval` reads every token)."""
-    total = {}
-    for x in self.val_batches:  # fetched one by one: one program in flight, as in training
-      for k, v in jax.device_get(self.evaluate(params, x)).items():
-        total[k] = total.get(k, 0.0) + float(v)
-    val_loss = total["loss_sum"] / total["tokens"]
-    values = {"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf,
-              "val_bpb": total["loss_sum"] / (np.log(2) * max(total["bytes"], 1.0))}
+    result = self.evaluator.evaluate(params, self.val_rows)
+    values = {f"val_{VAL_NAMES.get(k, k)}": v for k, v in result.items() if k != "tokens"}
     self.last.update(values)
     self.log.write(step, **values)
-    self.progress.message(f"step {step:>6d}  val_loss {val_loss:.4f}  val_ppl {values['val_ppl']:.2f}  "
-                          f"val_bpb {values['val_bpb']:.4f}  (on {len(self.val_batches)} validation batches)")
+    shown = "  ".join(f"{k} {v:.4f}" if k != "val_ppl" else f"{k} {v:.2f}" for k, v in values.items())
+    self.progress.message(f"step {step:>6d}  {shown}  (on {len(self.val_rows)} validation batches)")
     self.check_finite(step, values)
 
   def save(self, step: int, state, metrics, evaluated: bool) -> None:
@@ -257,7 +299,8 @@ class Trainer:
     last["loop_seconds"] = time.monotonic() - timer.started  # after the first step, saves included
     if timer.seconds:
       sec = last["step_seconds"] = timer.median()
-      flops = flops_per_token(self.model_config, t) * b * t / sec
+      last["flops_per_token"] = flops_per_token(self.eval_step, state.params, self.last_batch)
+      flops = last["flops_per_token"] * b * t / sec
       self.progress.message(f"median step {sec * 1e3:.1f} ms, {b * t / sec:,.0f} tokens/s, "
                             f"{flops / 1e9:.1f} model GFLOP/s")
     if len(timer.saves) > 1:  # the first save also sets orbax up
@@ -268,23 +311,6 @@ class Trainer:
       self.progress.message(f"stopped by {by} after step {stopped_at}; checkpoint saved; run the same "
                             "command again to resume")
     elif self.config.train.sample_tokens:
-      self.progress.message("sample:\n" + end_sample(self.config, self.corpus.tokenizer, self.setup,
-                                                     state.params, self.model_config, self.mesh))
+      self.progress.message("sample:\n" + end_sample(self.config, self.corpus, self.setup, state.params,
+                                                     self.model_config, self.mesh))
     return last
-
-
-def end_sample(config, tokenizer, setup, params, model_config, mesh) -> str:
-  """The prompt and up to train.sample_tokens of continuation (as many as fit the model's positions)."""
-  prompt = tokenizer.encode(config.train.sample_prompt).astype(np.int32)
-  generator = generate.Generator(setup.graphdef, params, model_config, eos_id=tokenizer.EOS,
-                                 vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=tuple(config.mesh.rules))
-  room = generator.room(len(prompt))
-  if room < 1 or len(prompt) == 0:
-    return f"(no room after a prompt of {len(prompt)} tokens in {model_config.max_seq_len} positions)"
-  wanted = min(config.train.sample_tokens, room)
-  new = generator.generate([prompt], max_new_tokens=wanted, sampling=generate.Sampling(temperature=0.8),
-                           seed=config.seed)[0]
-  text = config.train.sample_prompt + tokenizer.decode(new)
-  if len(new) == room < config.train.sample_tokens:
-    text += "\n" + generate.positions_full(model_config.max_seq_len)
-  return text

@@ -5,31 +5,21 @@ import math
 import os
 import sys
 
-from jaxlm.models.gpt import ModelConfig
+import jax
 
 
-def param_count(cfg: ModelConfig) -> int:
-  """Parameters of the model (the embedding counted once when tied)."""
-  d, f = cfg.width, cfg.mlp_width
-  attn = 4 * d * d + (4 * d if cfg.use_bias else 0)
-  mlp = (3 if cfg.mlp == "swiglu" else 2) * d * f + ((f + d) if cfg.use_bias else 0)
-  norms = (2 if cfg.norm == "layernorm" else 1) * d
-  block = attn + mlp + 2 * norms
-  embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-  pos = cfg.max_seq_len * d if cfg.position == "learned" else 0
-  return cfg.num_layers * block + embed + pos + norms
+def param_count(params) -> int:
+  """Parameters of a model's (abstract) state: every array's size, a tied embedding once."""
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token, forward and backward: 6 x (matmul parameters) + 12 x layers x T x width.
-
-  The matmul parameters are the blocks' weights plus the output projection (the input embedding is a
-  lookup); the second term is attention's score and value products (PaLM's accounting).
-  """
-  d, f = cfg.width, cfg.mlp_width
-  block = 4 * d * d + (3 if cfg.mlp == "swiglu" else 2) * d * f
-  matmul_params = cfg.num_layers * block + cfg.vocab_size * d
-  return 6.0 * matmul_params + 12.0 * cfg.num_layers * seq_len * d
+def flops_per_token(eval_step, params, batch: dict) -> float:
+  """Model FLOPs per trained token, forward and backward, of the model as it is compiled: XLA's count of
+  one forward pass (the eval step, lowered again: traced, not compiled) times 3, as the backward pass
+  costs two forwards. Embedding lookups count nothing, the output projection and attention's score and
+  value products count in full (causal masking computes them all), as in PaLM's accounting."""
+  cost = eval_step.lower(params, batch).cost_analysis()
+  return 3.0 * float(cost["flops"]) / batch["inputs"].size
 
 
 class MetricsLog:
@@ -78,11 +68,13 @@ class Progress:
     self.stream = stream or sys.stdout
     self.live = self.enabled and self.stream.isatty()
 
-  def update(self, step: int, loss: float, lr: float, tokens_per_sec: float, sec_per_step: float) -> None:
+  def update(self, step: int, loss: float, lr: float, tokens_per_sec: float, sec_per_step: float,
+             accuracy: float | None = None) -> None:
     if not self.enabled:
       return
     eta = (self.total - step) * sec_per_step
-    line = (f"step {step:>6d}/{self.total}  loss {loss:7.4f}  lr {lr:.2e}  "
+    shown = f"  accuracy {accuracy:.3f}" if accuracy is not None else ""
+    line = (f"step {step:>6d}/{self.total}  loss {loss:7.4f}{shown}  lr {lr:.2e}  "
             f"{tokens_per_sec:>9,.0f} tok/s  ETA {_duration(eta)}")
     self.stream.write(("\r" + line + "\x1b[K") if self.live else line + "\n")
     self.stream.flush()

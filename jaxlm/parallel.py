@@ -4,6 +4,7 @@ Parameters and activations are named with logical axes; the rules table in the c
 to mesh axes. Data parallel, FSDP, tensor parallel and mixes are different tables, never code paths.
 """
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -72,6 +73,31 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 def to_global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """This process's rows -> global jax.Arrays laid out over the mesh (works for one or many hosts)."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+class Inference:
+  """Where sampling and filling run: the parameters keep their sharding (FSDP, tensor parallel) under
+  their rules, and the small batch is replicated over the mesh (`mesh` None: the default device)."""
+
+  def __init__(self, mesh: Mesh | None, rules: Rules):
+    self.mesh = mesh
+    self.rules = tuple((name, None if name == "batch" else axes) for name, axes in rules)
+
+  def context(self) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    if self.mesh is not None:
+      stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nnx.logical_axis_rules(self.rules))
+    return stack
+
+  def put(self, x) -> jax.Array:
+    """A host array as a replicated global array (what every process passes in a multi-process run)."""
+    if self.mesh is None:
+      return jax.numpy.asarray(x)
+    return jax.make_array_from_process_local_data(NamedSharding(self.mesh, PartitionSpec()), np.asarray(x))
+
+  def fetch(self, x: jax.Array) -> np.ndarray:
+    return np.asarray(x.addressable_data(0))  # replicated: every process has all of it
 
 
 def all_agree(ok: bool) -> bool:

@@ -14,8 +14,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm.models.gpt import GPT, ModelConfig
-from jaxlm.objectives import causal_lm_loss_sums
+from jaxlm import objectives
+from jaxlm.models.transformer import ModelConfig
+from jaxlm.objectives.base import Objective, step_metrics
 from jaxlm.optim import make_optimizer
 from jaxlm.parallel import constrain, state_shardings
 
@@ -36,6 +37,7 @@ class Setup:
 
   graphdef: nnx.GraphDef
   model_config: ModelConfig
+  objective: Objective
   tx: optax.GradientTransformation
   schedule: Callable[[Any], jax.Array]
   grad_accum: int
@@ -43,10 +45,7 @@ class Setup:
 
 
 def _loss_sums(setup: Setup, params: nnx.State, batch: Batch, dropout_key) -> tuple[jax.Array, dict]:
-  model = nnx.merge(setup.graphdef, params)
-  logits_BxTxV = model(batch["inputs"], dropout_key=dropout_key, segment_ids_BxT=batch.get("segment_ids"),
-                       positions_BxT=batch.get("positions"))
-  sums = causal_lm_loss_sums(logits_BxTxV, batch, setup.token_bytes)
+  sums = setup.objective.loss_sums(nnx.merge(setup.graphdef, params), batch, setup.token_bytes, dropout_key)
   return sums["loss_sum"], sums
 
 
@@ -62,7 +61,8 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
 def train_step(setup: Setup, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
   """One optimizer update from one global batch (accumulated over setup.grad_accum microbatches).
 
-  The gradient is of the token-weighted mean loss over the whole batch, however it is split.
+  The gradient is of the token-weighted mean loss over the whole batch, however it is split (a batch
+  in which no position counts, e.g. windows inside SFT prompts, gives a zero gradient).
   """
   key = jax.random.fold_in(state.rng, state.step) if setup.model_config.dropout > 0 else None
   grad_fn = jax.grad(lambda p, b, k: _loss_sums(setup, p, b, k), has_aux=True)
@@ -74,20 +74,20 @@ def train_step(setup: Setup, state: TrainState, batch: Batch) -> tuple[TrainStat
       g, s = grad_fn(state.params, micro, None if key is None else jax.random.fold_in(key, i))
       return jax.tree.map(jnp.add, carry, (g, s)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params),
-             {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "tokens", "bytes")})
     micro = _split_microbatches(batch, setup.grad_accum)
+    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), key)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(setup.grad_accum)))
-  grads = jax.tree.map(lambda g: g / sums["tokens"], grads)
+  grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": sums["loss_sum"] / sums["tokens"], "grad_norm": optax.tree.norm(grads),
-             "lr": setup.schedule(state.step)}
+  metrics = {**step_metrics(sums), "grad_norm": optax.tree.norm(grads), "lr": setup.schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(setup: Setup, params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
-  """Sums of loss, tokens and bytes on one batch, without dropout; the caller adds batches up."""
+  """The objective's sums (loss, tokens, bytes, ...) on one batch, without dropout; the caller adds
+  batches up (evaluate.py)."""
   return _loss_sums(setup, params, batch, None)[1]
 
 
@@ -95,7 +95,7 @@ def create_train_state(config, model_config: ModelConfig, token_bytes, mesh: Mes
                        ) -> tuple[Setup, TrainState, TrainState]:
   """The setup, a fresh state built directly in its sharded layout, and the state's shardings.
 
-  `config` is the full experiment config (optim, train.steps, seed, mesh.rules). The same seed gives
+  `config` is the full experiment config (objective, optim, train.steps, seed, mesh.rules). The same seed gives
   the same parameters on every mesh.
   """
   setup, init, shardings = plan_train_state(config, model_config, token_bytes, mesh)
@@ -112,9 +112,10 @@ def plan_train_state(config, model_config: ModelConfig, token_bytes, mesh: Mesh)
   rules = tuple(config.mesh.rules)
   tx, schedule = make_optimizer(config.optim, config.train.steps)
   params_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  make_model = lambda: GPT(model_config, rngs=nnx.Rngs(params=params_key))
+  objective = objectives.get(config.objective)
+  make_model = lambda: objective.model(model_config, nnx.Rngs(params=params_key))
   graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model))
-  setup = Setup(graphdef, model_config, tx, schedule, config.optim.grad_accum,
+  setup = Setup(graphdef, model_config, objective, tx, schedule, config.optim.grad_accum,
                 jnp.asarray(token_bytes, jnp.float32))
 
   def init() -> TrainState:
@@ -137,6 +138,11 @@ def compile_steps(setup: Setup, shardings: TrainState, batch_sharding: NamedShar
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
   train = jax.jit(lambda s, b: train_step(setup, s, b), in_shardings=(shardings, batch_sharding),
                   out_shardings=(shardings, replicated), donate_argnums=0)
-  evaluate = jax.jit(lambda p, b: eval_step(setup, p, b), in_shardings=(shardings.params, batch_sharding),
-                     out_shardings=replicated)
-  return train, evaluate
+  return train, compile_eval(setup, shardings.params, batch_sharding)
+
+
+def compile_eval(setup: Setup, param_shardings, batch_sharding: NamedSharding):
+  """eval_step jitted with in/out shardings: what the loop's evaluations and `jaxlm eval` both run."""
+  replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+  return jax.jit(lambda p, b: eval_step(setup, p, b), in_shardings=(param_shardings, batch_sharding),
+                 out_shardings=replicated)

@@ -20,7 +20,7 @@ from jaxlm.checkpoint import Checkpoints, abstract_like, load_params
 from jaxlm.manifest import MANIFEST
 from jaxlm.data.text import TrainBatches
 from jaxlm.errors import UserError
-from jaxlm.models.gpt import ModelConfig
+from jaxlm.models.transformer import ModelConfig
 from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
 from jaxlm.train import compile_steps, plan_train_state
 

@@ -10,7 +10,8 @@ from flax import nnx
 from jaxlm.config import DEFAULT_RULES
 from jaxlm.errors import UserError
 from jaxlm.generate import Generator, Sampling, choose, filter_logits
-from jaxlm.models.gpt import GPT, ModelConfig, init_cache
+from jaxlm.models.decoder import GPT, init_cache
+from jaxlm.models.transformer import ModelConfig
 from jaxlm.parallel import make_mesh, state_shardings
 
 VOCAB, LIMIT, EOS = 384, 260, 257

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm.models.gpt import GPT, ModelConfig
+from jaxlm.models.decoder import GPT
+from jaxlm.models.transformer import ModelConfig
 from jaxlm.models.layers import _transposed_equations, matmul
 
 

@@ -15,7 +15,10 @@ from jaxlm.data.packing import Packer
 from jaxlm.data.prepare import prepare
 from jaxlm.data.text import load_data
 from jaxlm.errors import UserError
-from jaxlm.models.gpt import GPT, ModelConfig
+from jaxlm.models.decoder import GPT
+from jaxlm.models.transformer import ModelConfig
+from jaxlm.objectives.clm import OBJECTIVE as CLM
+from jaxlm.objectives.clm import next_token
 
 EOS, SEQ = 257, 16
 
@@ -40,7 +43,7 @@ def test_rows_mark_documents_and_cover_each_token_once_per_epoch():
   tokens = np.concatenate(docs)
   packer = Packer(offsets, SEQ, seed=5, eos=EOS)
   assert packer.rows_per_epoch == sum(lengths) // SEQ
-  rows = packer.rows_from_array(range(2 * packer.rows_per_epoch), tokens)
+  rows = next_token(packer.rows_from_array(range(2 * packer.rows_per_epoch), tokens))
   assert rows["inputs"].shape == (2 * packer.rows_per_epoch, SEQ)
   seen = [[], []]  # per epoch: (document, token index) of every target
   for r in range(len(rows["inputs"])):
@@ -78,7 +81,7 @@ def test_a_packed_document_gets_the_logits_it_gets_alone(position):
   model = GPT(cfg, rngs=nnx.Rngs(params=0))
   docs, offsets = documents([5, 30, 11, 2, 20])
   packer = Packer(offsets, SEQ, seed=0, eos=EOS)
-  rows = packer.rows_from_array(range(packer.rows_per_epoch), np.concatenate(docs))
+  rows = next_token(packer.rows_from_array(range(packer.rows_per_epoch), np.concatenate(docs)))
   packed = model(jnp.asarray(rows["inputs"]), segment_ids_BxT=jnp.asarray(rows["segment_ids"]),
                  positions_BxT=jnp.asarray(rows["positions"]))
   unmasked = model(jnp.asarray(rows["inputs"]))
@@ -107,6 +110,7 @@ def test_packed_rows_never_cross_the_split(packed_store):
   config.data.path, config.data.sequences = packed_store, "packed"
   corpus = load_data(config.data)
   kwargs = dict(seq_len=SEQ, batch_size=8, seed=3)
+  shift = CLM.transform(corpus.tokenizer, 3, 0)
   splits = {s: token_store.read(s) for s in store.SPLITS}
   def documents_of(split):
     tokens, offsets = splits[split]
@@ -122,14 +126,14 @@ def test_packed_rows_never_cross_the_split(packed_store):
     return len(batch["targets"])
 
   train_docs, val_docs = documents_of("train"), documents_of("validation")
-  it = corpus.train_batches(**kwargs)
+  it = corpus.train_batches(transform=shift, **kwargs)
   assert sum(check(next(it), train_docs) for _ in range(20)) == 160
-  assert sum(check(b, val_docs) for b in corpus.eval_batches(num_batches=3, **kwargs)) == 24
+  assert sum(check(next_token(b), val_docs) for b in corpus.eval_batches(num_batches=3, **kwargs)) == 24
   # The store-backed rows are exactly the packer's rows over the training split read in memory.
-  again = corpus.train_batches(**kwargs)
+  again = corpus.train_batches(transform=shift, **kwargs)
   first = next(again)
   packer = Packer(splits["train"][1], SEQ, 3, EOS)
-  want = packer.rows_from_array(range(8), splits["train"][0])
+  want = next_token(packer.rows_from_array(range(8), splits["train"][0]))
   for key in ("inputs", "targets", "segment_ids", "positions"):
     assert np.array_equal(first[key], want[key])
 

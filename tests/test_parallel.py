@@ -9,7 +9,8 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_config
 from jaxlm.config import DEFAULT_RULES
 from jaxlm.data.text import train_batch
-from jaxlm.models.gpt import ModelConfig
+from jaxlm.objectives.clm import next_token
+from jaxlm.models.transformer import ModelConfig
 from jaxlm.parallel import batch_sharding, logical_to_spec, make_mesh, to_global_batch
 from jaxlm.train import compile_steps, create_train_state
 
@@ -26,8 +27,8 @@ def run_steps(config, shape, steps=3):
     train, _ = compile_steps(setup, shardings, sharding)
     losses = []
     for step in range(steps):
-      batch = train_batch(TOKENS, step, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
-                          seed=0)
+      batch = next_token(train_batch(TOKENS, step, seq_len=config.data.seq_len,
+                                     batch_size=config.data.batch_size, seed=0))
       state, metrics = train(state, to_global_batch(batch, sharding))
       losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params), state

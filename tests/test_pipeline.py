@@ -14,8 +14,10 @@ from jaxlm import loop
 from jaxlm.data import pipeline, store
 from jaxlm.data.prepare import prepare
 from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.objectives.clm import OBJECTIVE as CLM
 
 SEQ = 16
+SHIFT = CLM.transform(None, 3, 0)  # the causal LM's batches (next-token pairs) of the rows
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def token_store(tmp_path_factory):
 
 
 def batches(path, count, n, **kwargs):
-  it = pipeline.StoreBatches(path, count, seq_len=SEQ, batch_size=8, seed=3, **kwargs)
+  it = pipeline.StoreBatches(path, count, seq_len=SEQ, batch_size=8, seed=3, transform=SHIFT, **kwargs)
   return it, [next(it) for _ in range(n)]
 
 
@@ -50,7 +52,7 @@ def test_processes_read_only_their_rows_and_together_make_the_global_batch(token
   # The global batches of window numbers (what every process computes; none of it is read).
   numbers = grain.MapDataset.range(pipeline.num_windows(count, SEQ)).shuffle(seed=3).repeat().batch(8)
   halves = [(set(numbers[b][:4].tolist()), set(numbers[b][4:].tolist())) for b in range(40)]
-  mine0, mine1 = set(read[id(p0._rows.rows)]), set(read[id(p1._rows.rows)])  # (prefetch reads ahead)
+  mine0, mine1 = set(read[id(p0._batch.rows)]), set(read[id(p1._batch.rows)])  # (prefetch reads ahead)
   assert mine0 <= set().union(*(h[0] for h in halves)) and mine1 <= set().union(*(h[1] for h in halves))
   assert set().union(*(h[0] for h in halves[:5])) <= mine0 and set().union(*(h[1] for h in halves[:5])) <= mine1
 
@@ -80,7 +82,7 @@ def test_state_restores_the_same_next_batches(token_store, workers):
   it, _ = batches(path, count, 3, workers=workers)
   state = it.get_state()
   want = [next(it) for _ in range(3)]
-  again = pipeline.StoreBatches(path, count, seq_len=SEQ, batch_size=8, seed=3, workers=workers)
+  again = pipeline.StoreBatches(path, count, seq_len=SEQ, batch_size=8, seed=3, workers=workers, transform=SHIFT)
   again.set_state(state)
   assert again.step == 3
   for w in want:
@@ -90,7 +92,7 @@ def test_state_restores_the_same_next_batches(token_store, workers):
 def test_seeking_to_a_step_gives_that_steps_batch(token_store):
   path, count = token_store
   _, seq = batches(path, count, 6)
-  it = pipeline.StoreBatches(path, count, seq_len=SEQ, batch_size=8, seed=3)
+  it = pipeline.StoreBatches(path, count, seq_len=SEQ, batch_size=8, seed=3, transform=SHIFT)
   it.step = 4
   assert np.array_equal(next(it)["inputs"], seq[4]["inputs"]) and it.step == 5
 

@@ -6,7 +6,8 @@ from flax import nnx
 
 from conftest import tiny_config
 from jaxlm.data.text import train_batch
-from jaxlm.models.gpt import ModelConfig
+from jaxlm.objectives.clm import next_token
+from jaxlm.models.transformer import ModelConfig
 from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
 from jaxlm.train import compile_steps, create_train_state
 
@@ -20,8 +21,8 @@ def one_step(config, shape=(2, 1, 1), step=0):
         config, ModelConfig.from_config(config.model, 384), np.ones(384), mesh)
     sharding = batch_sharding(mesh, tuple(config.mesh.rules))
     train, evaluate = compile_steps(setup, shardings, sharding)
-    batch = to_global_batch(train_batch(TOKENS, step, seq_len=config.data.seq_len,
-                                        batch_size=config.data.batch_size, seed=0), sharding)
+    batch = to_global_batch(next_token(train_batch(TOKENS, step, seq_len=config.data.seq_len,
+                                        batch_size=config.data.batch_size, seed=0)), sharding)
     sums = jax.device_get(evaluate(state.params, batch))
     state, metrics = train(state, batch)
     return jax.device_get(metrics), jax.device_get(state.params), sums

@@ -4,11 +4,13 @@ Each epoch shuffles the documents of a split (by seed and epoch) and lays them e
 the epoch is positions [r*T, (r+1)*T) of that stream, so nothing is padded and every token is a
 target once per epoch. A document longer than what is left of a row continues in the next row.
 
-In a row, each piece of a document is one segment: `segment_ids` number them 1, 2, ... and
-`positions` count from 0 in each, and the model lets a position attend only inside its own segment.
-Targets are the document's tokens (which end with EOS); the input before a document's first token is
-EOS, which serves as its beginning-of-text token. So a packed document is trained on exactly as if it
-were alone in its row.
+A row is a window of T + 1 tokens of that stream, like the windows of a plain token stream: its first
+token is the one before the row (the previous document's EOS, which serves as the next one's
+beginning-of-text token; EOS too at the start of an epoch), then T tokens of documents. Each piece of a
+document among those T is one segment: `segment_ids` number them 1, 2, ... and `positions` count from 0
+in each, and the model lets a position attend only inside its own segment. A causal LM's input before a
+document's first token is thus EOS, so a packed document is trained on exactly as if it were alone in its
+row. Loss `weights` (a pairs store) come with the T tokens they belong to.
 
 Rows are a pure function of (offsets, seq_len, seed, row number): any process can cut any row, and a
 resumed run cuts the same ones.
@@ -57,22 +59,29 @@ class Packer:
     """The token ranges of the split to read for `pieces`: each piece's tokens, and the one before it."""
     return [(int(self.offsets[d]) + max(a - 1, 0), int(self.offsets[d]) + b) for d, a, b in pieces]
 
-  def row(self, pieces: list[tuple[int, int, int]], tokens: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """One training row from `pieces` and the tokens read for their `spans`."""
-    inputs, targets, segments, positions = [], [], [], []
+  def row(self, pieces: list[tuple[int, int, int]], tokens: list[np.ndarray],
+          weights: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """One row from `pieces` and the tokens (and weights) read for their `spans`."""
+    (_, a0, _), first = pieces[0], np.asarray(tokens[0], np.int32)
+    parts = [first[:1] if a0 > 0 else np.array([self.eos], np.int32)]  # the token before the row
+    kept, segments, positions = [], [], []
     for number, ((_, a, b), read) in enumerate(zip(pieces, tokens), start=1):
-      read = np.asarray(read, np.int32)
-      inputs.append(read[:-1] if a > 0 else np.concatenate([[self.eos], read[:-1]]).astype(np.int32))
-      targets.append(read[1:] if a > 0 else read)
+      kept.append(slice(1, None) if a > 0 else slice(None))  # (without the token read before a piece)
+      parts.append(np.asarray(read, np.int32)[kept[-1]])
       segments.append(np.full(b - a, number, np.int32))
       positions.append(np.arange(b - a, dtype=np.int32))
-    return {"inputs": np.concatenate(inputs), "targets": np.concatenate(targets),
-            "segment_ids": np.concatenate(segments), "positions": np.concatenate(positions)}
+    row = {"tokens": np.concatenate(parts), "segment_ids": np.concatenate(segments),
+           "positions": np.concatenate(positions)}
+    if weights is not None:
+      row["weights"] = np.concatenate([np.asarray(w, np.float32)[k] for w, k in zip(weights, kept)])
+    return row
 
-  def rows_from_array(self, rows, tokens: np.ndarray) -> dict[str, np.ndarray]:
+  def rows_from_array(self, rows, tokens: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Packed rows stacked into a batch, reading from a split held in memory."""
     out = []
     for r in rows:
       pieces = self.pieces(r)
-      out.append(self.row(pieces, [tokens[a:b] for a, b in self.spans(pieces)]))
+      spans = self.spans(pieces)
+      out.append(self.row(pieces, [tokens[a:b] for a, b in spans],
+                          None if weights is None else [weights[a:b] for a, b in spans]))
     return {k: np.stack([o[k] for o in out]) for k in out[0]}

@@ -5,10 +5,12 @@ Rows are cut from the training split in one of two ways (`data.sequences`):
   with); window numbers are shuffled by the seed, differently every epoch;
 - `packed`: whole documents, shuffled every epoch and packed end to end, with segment ids and
   positions that keep each document to itself (packing.py).
-Row numbers are grouped into global batches; each process keeps its own contiguous rows of every
-global batch and reads only those from the store, in one batched tensorstore read. Reading runs ahead of training in
-background threads (and optionally worker processes). The iterator's state is checkpointed with the
-train state and restores exactly: the same next batches, with or without workers.
+A pairs store adds each row's loss weights. Row numbers are grouped into global batches; each process
+keeps its own contiguous rows of every global batch and reads only those from the store, in one batched
+tensorstore read, and turns them into the objective's batch (`transform(rows, step, first_row)`).
+Reading and transforming run ahead of training in background threads (and optionally worker
+processes). The iterator's state is checkpointed with the train state and restores exactly: the same
+next batches, with or without workers.
 
 Because every process cuts the same global batches and keeps rows [p*L, (p+1)*L), the global batch
 assembled with `jax.make_array_from_process_local_data` is the same on any number of processes.
@@ -25,32 +27,39 @@ from jaxlm.data.packing import EPOCH_LIMIT, Packer
 
 
 class _Split:
-  """A split's tokens in the store, read in batched ranges. Picklable: workers reopen the store lazily."""
+  """A split's tokens (and loss weights, for a pairs store) in the store, read in batched ranges.
+  Picklable: workers reopen the store lazily."""
 
-  def __init__(self, path: str, split: str):
-    self.path, self.split = path, split
-    self._tokens = None
+  def __init__(self, path: str, split: str, weights: bool = False):
+    self.path, self.split, self.weights = path, split, weights
+    self._arrays = None
 
   def __getstate__(self):
-    return {**self.__dict__, "_tokens": None}
+    return {**self.__dict__, "_arrays": None}
 
-  def read(self, spans: list[tuple[int, int]]) -> list[np.ndarray]:
-    if self._tokens is None:
-      self._tokens = store.TokenStore(self.path).tokens(self.split)
-    futures = [self._tokens[a:b].read() for a, b in spans]
-    return [f.result() for f in futures]
+  def read(self, spans: list[tuple[int, int]]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """(tokens, weights or None) of each span."""
+    if self._arrays is None:
+      opened = store.TokenStore(self.path)
+      self._arrays = [opened.tokens(self.split)] + ([opened.weights(self.split)] if self.weights else [])
+    futures = [[array[a:b].read() for a, b in spans] for array in self._arrays]
+    tokens, *weights = [[f.result() for f in fs] for fs in futures]
+    return tokens, (weights[0] if weights else None)
 
 
 class _Windows:
-  """Row n: the next-token pairs of the window of seq_len + 1 tokens at n * seq_len."""
+  """Row n: the window of seq_len + 1 tokens at n * seq_len."""
 
   def __init__(self, split: _Split, seq_len: int):
     self.split, self.seq_len = split, seq_len
 
   def batch(self, numbers: np.ndarray) -> dict[str, np.ndarray]:
     t = self.seq_len
-    windows = np.stack(self.split.read([(int(n) * t, int(n) * t + t + 1) for n in numbers])).astype(np.int32)
-    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+    tokens, weights = self.split.read([(int(n) * t, int(n) * t + t + 1) for n in numbers])
+    rows = {"tokens": np.stack(tokens).astype(np.int32)}
+    if weights is not None:
+      rows["weights"] = np.stack(weights)[:, 1:].astype(np.float32)  # (of the last seq_len tokens)
+    return rows
 
 
 class _Packed:
@@ -62,22 +71,24 @@ class _Packed:
   def batch(self, numbers: np.ndarray) -> dict[str, np.ndarray]:
     pieces = [self.packer.pieces(n) for n in numbers]
     spans = [span for p in pieces for span in self.packer.spans(p)]
-    tokens, rows, at = self.split.read(spans), [], 0
+    (tokens, weights), rows, at = self.split.read(spans), [], 0
     for p in pieces:
-      rows.append(self.packer.row(p, tokens[at:at + len(p)]))
+      rows.append(self.packer.row(p, tokens[at:at + len(p)], None if weights is None else weights[at:at + len(p)]))
       at += len(p)
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-class _LocalRows:
-  """Global batch of row numbers -> this process's rows as a training batch."""
+class _LocalBatch:
+  """(step, global batch of row numbers) -> this process's rows, as the objective's batch."""
 
-  def __init__(self, rows, process_index: int, process_count: int):
+  def __init__(self, rows, process_index: int, process_count: int, transform):
     self.rows, self.process_index, self.process_count = rows, process_index, process_count
+    self.transform = transform
 
-  def __call__(self, numbers: np.ndarray) -> dict[str, np.ndarray]:
+  def __call__(self, step: int, numbers: np.ndarray) -> dict[str, np.ndarray]:
     count = len(numbers) // self.process_count
-    return self.rows.batch(numbers[self.process_index * count:(self.process_index + 1) * count])
+    rows = self.rows.batch(numbers[self.process_index * count:(self.process_index + 1) * count])
+    return rows if self.transform is None else self.transform(rows, step, self.process_index * count)
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
@@ -95,14 +106,15 @@ class StoreBatches:
 
   def __init__(self, path: str, num_tokens: int, *, seq_len: int, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1, workers: int = 0, threads: int = 2,
-               prefetch: int = 4, step: int = 0, packer: Packer | None = None):
-    split = _Split(path, "train")
+               prefetch: int = 4, step: int = 0, packer: Packer | None = None, transform=None,
+               weights: bool = False):
+    split = _Split(path, "train", weights)
     self._packed = packer is not None
     if self._packed:
       self._count, rows = packer.rows_per_epoch, _Packed(split, packer)
     else:
       self._count, rows = num_windows(num_tokens, seq_len), _Windows(split, seq_len)
-    self._rows = _LocalRows(rows, process_index, process_count)
+    self._batch = _LocalBatch(rows, process_index, process_count, transform)
     self._batch_size, self._seed, self._workers = batch_size, seed, workers
     self._threads, self._prefetch = threads, prefetch
     self._open(step)
@@ -112,8 +124,8 @@ class StoreBatches:
       ds = grain.MapDataset.range(self._count * EPOCH_LIMIT)
     else:
       ds = grain.MapDataset.range(self._count).shuffle(seed=self._seed).repeat()
-    ds = ds.batch(self._batch_size, drop_remainder=True)
-    ds = ds[start:].map(self._rows)
+    ds = ds.batch(self._batch_size, drop_remainder=True).map_with_index(self._batch)  # (index: the step)
+    ds = ds[start:]
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
                                                    prefetch_buffer_size=self._prefetch))
     if self._workers:

@@ -1,8 +1,12 @@
-"""Text corpora as token arrays, and the random-window batches the causal LM trains on.
+"""Text corpora as token arrays, and the rows every objective trains on.
 
-A batch is a pure function of (seed, step): resuming at step s gives exactly the batches an
-uninterrupted run would have seen, and every process computes the same global batch indices and keeps
-only its own rows, so hosts never need to talk about data.
+A row is `tokens`: seq_len + 1 consecutive tokens (the first is context: the token before the row), and,
+where the data has them, `segment_ids`, `positions` and loss `weights` for the last seq_len. What the
+model sees and predicts is the objective's business (objectives/): it turns rows into batches.
+
+Rows are a pure function of (seed, step): resuming at step s gives exactly the rows an uninterrupted run
+would have seen, and every process computes the same global batch indices and keeps only its own rows,
+so hosts never need to talk about data.
 """
 
 import dataclasses
@@ -61,25 +65,31 @@ class Corpus:
   packed: bool = False  # rows of packed documents (a store), not windows
   train_offsets: np.ndarray | None = None  # where each document starts (a store)
   val_offsets: np.ndarray | None = None
+  pairs: tuple[str, str] | None = None  # a pairs store's fields: per-token loss weights (SFT)
+  val_weights: np.ndarray | None = None  # the validation split's loss weights (a pairs store)
 
-  def train_batches(self, *, workers: int = 0, **batch_kwargs):
-    """This process's training batches (a checkpointable iterator) from step 0."""
+  def train_batches(self, *, workers: int = 0, transform=None, **batch_kwargs):
+    """This process's training batches (a checkpointable iterator) from step 0: rows, or
+    `transform(rows, step, first_row)` of them (an objective's batches)."""
     if self.store is not None:
       from jaxlm.data.pipeline import StoreBatches
 
       packer = (Packer(self.train_offsets, batch_kwargs["seq_len"], batch_kwargs["seed"], self.tokenizer.EOS)
                 if self.packed else None)
-      return StoreBatches(self.store, self.train_count, workers=workers, packer=packer, **batch_kwargs)
-    return TrainBatches(self.train_tokens, **batch_kwargs)
+      return StoreBatches(self.store, self.train_count, workers=workers, packer=packer, transform=transform,
+                          weights=self.pairs is not None, **batch_kwargs)
+    return TrainBatches(self.train_tokens, transform=transform, **batch_kwargs)
 
   def eval_batches(self, *, num_batches: int, seq_len: int, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
-    """A fixed set of validation batches (this process's rows), the same at every evaluation."""
+    """A fixed set of validation rows (this process's part of each batch), the same at every evaluation."""
     if not self.packed:
       return eval_batches(self.val_tokens, num_batches=num_batches, seq_len=seq_len, batch_size=batch_size,
-                          seed=seed, process_index=process_index, process_count=process_count)
+                          seed=seed, process_index=process_index, process_count=process_count,
+                          weights=self.val_weights)
     packer = Packer(self.val_offsets, seq_len, seed, self.tokenizer.EOS, stream=_VAL_STREAM)
-    return [_process_rows(packer.rows_from_array(range(i * batch_size, (i + 1) * batch_size), self.val_tokens),
+    return [_process_rows(packer.rows_from_array(range(i * batch_size, (i + 1) * batch_size), self.val_tokens,
+                                                 self.val_weights),
                           process_index, process_count) for i in range(num_batches)]
 
 
@@ -98,8 +108,10 @@ def load_data(data_config) -> Corpus:
     count = token_store.meta["splits"]["train"]["tokens"]
     _check_lengths(count, len(val), data_config.seq_len, path)
     train_offsets = token_store.offsets("train") if packed else None
+    pairs = token_store.pairs
+    val_weights = token_store.read_weights("validation") if pairs is not None else None
     return Corpus(tokenizer, val, path, store=path, train_count=count, packed=packed,
-                  train_offsets=train_offsets, val_offsets=val_offsets)
+                  train_offsets=train_offsets, val_offsets=val_offsets, pairs=pairs, val_weights=val_weights)
   if packed:
     raise UserError(f"data.sequences=packed packs the documents of a prepared token store; "
                     f"{path or 'the built-in corpus'} is plain text",
@@ -132,10 +144,14 @@ def _check_lengths(train: int, val: int, seq_len: int, source: str) -> None:
           f"(data.seq_len + 1 = {need})", "use a longer file or a shorter --config.data.seq_len")
 
 
-def window_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-  """Next-token pairs from windows of seq_len + 1 tokens starting at `starts`."""
-  windows = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
-  return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+def window_rows(tokens: np.ndarray, starts: np.ndarray, seq_len: int,
+                weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Rows of the windows of seq_len + 1 tokens starting at `starts` (weights: of their last seq_len)."""
+  at = starts[:, None] + np.arange(seq_len + 1)
+  rows = {"tokens": tokens[at].astype(np.int32)}
+  if weights is not None:
+    rows["weights"] = weights[at[:, 1:]].astype(np.float32)
+  return rows
 
 
 def _window_starts(num_tokens: int, seq_len: int, batch_size: int, seed: int, stream: int,
@@ -145,27 +161,34 @@ def _window_starts(num_tokens: int, seq_len: int, batch_size: int, seed: int, st
 
 
 def _process_rows(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict:
-  rows = len(batch["inputs"]) // process_count
+  rows = len(batch["tokens"]) // process_count
   return {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
+
+
+def first_row(batch_size: int, process_index: int, process_count: int) -> int:
+  """The global row number of this process's first row in each batch."""
+  return process_index * (batch_size // process_count)
 
 
 def train_batch(tokens: np.ndarray, step: int, *, seq_len: int, batch_size: int, seed: int,
                 process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
   """This process's rows of the global training batch for `step`: random windows, seeded by (seed, step)."""
   starts = _window_starts(len(tokens), seq_len, batch_size, seed, 0, step)
-  return _process_rows(window_batch(tokens, starts, seq_len), process_index, process_count)
+  return _process_rows(window_rows(tokens, starts, seq_len), process_index, process_count)
 
 
 class TrainBatches:
   """This process's training batches, step after step; its state (the next step) is checkpointed.
 
-  The batch of a step is a pure function of (seed, step), so the state is just the step. It follows
-  the iterator protocol grain's checkpoint handler expects (get_state/set_state as JSON bytes).
+  The rows of a step are a pure function of (seed, step), and so is `transform(rows, step, first_row)`
+  (an objective's batch), so the state is just the step. It follows the iterator protocol grain's
+  checkpoint handler expects (get_state/set_state as JSON bytes).
   """
 
   def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1, step: int = 0):
-    self.tokens, self.step = tokens, step
+               process_index: int = 0, process_count: int = 1, step: int = 0, transform=None):
+    self.tokens, self.step, self.transform = tokens, step, transform
+    self._first_row = first_row(batch_size, process_index, process_count)
     self._kwargs = dict(seq_len=seq_len, batch_size=batch_size, seed=seed,
                         process_index=process_index, process_count=process_count)
 
@@ -173,9 +196,11 @@ class TrainBatches:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = train_batch(self.tokens, self.step, **self._kwargs)
+    rows = train_batch(self.tokens, self.step, **self._kwargs)
+    if self.transform is not None:
+      rows = self.transform(rows, self.step, self._first_row)
     self.step += 1
-    return batch
+    return rows
 
   def get_state(self) -> bytes:
     return json.dumps({"step": self.step, "seed": self._kwargs["seed"]}).encode()
@@ -188,10 +213,11 @@ class TrainBatches:
 
 
 def eval_batches(tokens: np.ndarray, *, num_batches: int, seq_len: int, batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """A fixed set of validation batches, the same at every evaluation, so val_loss curves compare."""
+                 process_index: int = 0, process_count: int = 1,
+                 weights: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+  """A fixed set of validation rows, the same at every evaluation, so val_loss curves compare."""
   out = []
   for i in range(num_batches):
     starts = _window_starts(len(tokens), seq_len, batch_size, seed, _VAL_STREAM, i)
-    out.append(_process_rows(window_batch(tokens, starts, seq_len), process_index, process_count))
+    out.append(_process_rows(window_rows(tokens, starts, seq_len, weights), process_index, process_count))
   return out

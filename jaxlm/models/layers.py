@@ -97,16 +97,18 @@ def rope(x_BxHxTxK: jax.Array, base: float, positions_BxT: jax.Array) -> jax.Arr
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_mask(t: int, segment_ids_BxT: jax.Array | None) -> jax.Array:
-  """Which keys each query sees: earlier positions (causal), of the same document when packed.
+def attention_mask(t: int, segment_ids_BxT: jax.Array | None, causal: bool = True) -> jax.Array:
+  """Which keys each query sees: earlier positions when `causal` (all otherwise), of the same segment
+  (document) when segment ids are given.
 
-  (1, 1, T, T), or (B, 1, T, T) with segment ids (one id per document in a packed row).
+  (1, 1, T, T), or (B, 1, T, T) with segment ids (one id per document in a packed row; padding has its
+  own id, 0, so real positions never see it).
   """
-  causal_1x1xTxT = jnp.tril(jnp.ones((t, t), bool))[None, None]
+  causal_1x1xTxT = jnp.tril(jnp.ones((t, t), bool))[None, None] if causal else None
   if segment_ids_BxT is None:
-    return causal_1x1xTxT
+    return causal_1x1xTxT if causal else jnp.ones((1, 1, t, t), bool)
   same_Bx1xTxT = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
-  return causal_1x1xTxT & same_Bx1xTxT
+  return causal_1x1xTxT & same_Bx1xTxT if causal else same_Bx1xTxT
 
 
 class Attention(nnx.Module):
