@@ -1,10 +1,15 @@
 """Training throughput: step time, tokens/s, compile time, model FLOP/s over this machine's fp32 matmul
 FLOP/s (measured in the same run), and bytes per device from the compiled step's memory analysis.
 
-  python benchmarks/train_throughput.py [--steps=200] [--rows=shakespeare]
+  python benchmarks/train_throughput.py [--steps=200] [--rows=shakespeare,default,objectives]
 
 Each row runs in its own process (the CPU device count is fixed when JAX starts); the fp32 matmul peak
 is measured before and after the rows, and the table divides by their median.
+
+The `objectives` rows are what a user runs: `jaxlm train` of configs/bert_tiny.py (masked LM, an encoder)
+and of configs/default.py at bert_tiny's batch (a causal LM, the decoder of the same shape), alternated
+`--repeats` times; each figure is the median over repeats of the run's own median step time and model
+FLOP/s (its last lines), and the table ends with their ratio.
 """
 
 import argparse
@@ -71,8 +76,8 @@ def measure_row(config_name: str, overrides: dict, mesh: tuple, steps: int) -> d
 
   from jaxlm.data.tokenizer import ByteTokenizer, padded_vocab_size
   from jaxlm.data.text import train_batch
-from jaxlm.objectives.clm import next_token
   from jaxlm.metrics import flops_per_token
+  from jaxlm.objectives.clm import next_token
   from jaxlm.models.transformer import ModelConfig
   from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
   from jaxlm.train import compile_steps, create_train_state
@@ -92,9 +97,10 @@ from jaxlm.objectives.clm import next_token
   with jax.set_mesh(mesh_), nnx.logical_axis_rules(rules):
     setup, state, shardings = create_train_state(c, model_config, np.ones(model_config.vocab_size), mesh_)
     sharding = batch_sharding(mesh_, rules)
-    train, _ = compile_steps(setup, shardings, sharding)
+    train, evaluate = compile_steps(setup, shardings, sharding)
     batches = [to_global_batch(next_token(train_batch(tokens, i, seq_len=t, batch_size=b, seed=0)), sharding)
                for i in range(8)]
+    per_token = flops_per_token(evaluate, state.params, batches[0])
     start = time.perf_counter()
     compiled = train.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
@@ -113,13 +119,57 @@ from jaxlm.objectives.clm import next_token
     jax.block_until_ready(previous)
   step = statistics.median(times)
   return {"step_ms": step * 1e3, "tokens_per_sec": b * t / step, "compile_s": compile_s,
-          "flops": flops_per_token(model_config, t) * b * t / step, "bytes_per_device": per_device}
+          "flops": per_token * b * t / step, "bytes_per_device": per_device}
+
+
+# (name, config file, overrides): `jaxlm train` runs compared side by side
+OBJECTIVE_ROWS = [
+    ("bert_tiny (mlm, encoder)", "bert_tiny", []),
+    ("default at B=32 (clm, decoder)", "default", ["--config.data.batch_size=32"]),
+]
+
+
+def train_row(name: str, overrides: list[str], steps: int, workdir: str) -> dict:
+  """One `jaxlm train` run: its median step time and model FLOP/s, as it reports them at the end."""
+  import re
+  import shutil
+
+  shutil.rmtree(workdir, ignore_errors=True)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["GLIBC_TUNABLES"] = MALLOC
+  out = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", f"--config={ROOT}/configs/{name}.py",
+                        f"--workdir={workdir}", f"--config.train.steps={steps}", "--config.train.sample_tokens=0",
+                        f"--config.train.eval_every={steps}", f"--config.train.checkpoint_every={steps}",
+                        *overrides], env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  found = re.search(r"median step ([\d.]+) ms, ([\d,]+) tokens/s, ([\d.]+) model GFLOP/s", out)
+  return {"step_ms": float(found.group(1)), "tokens_per_sec": float(found.group(2).replace(",", "")),
+          "gflops": float(found.group(3))}
+
+
+def compare_objectives(steps: int, repeats: int) -> None:
+  import tempfile
+
+  runs = {label: [] for label, _, _ in OBJECTIVE_ROWS}
+  with tempfile.TemporaryDirectory() as tmp:
+    for r in range(repeats):
+      for label, name, overrides in OBJECTIVE_ROWS:
+        runs[label].append(train_row(name, overrides, steps, os.path.join(tmp, "w")))
+        print(f"  measured {label} (repeat {r + 1})", file=sys.stderr)
+  med = {label: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for label, rs in runs.items()}
+  print(f"`jaxlm train`, {steps} steps, median of {repeats} alternated runs:")
+  print(f"{'run':40s} {'ms/step':>8s} {'tokens/s':>9s} {'GFLOP/s':>8s}")
+  for label, m in med.items():
+    print(f"{label:40s} {m['step_ms']:8.1f} {m['tokens_per_sec']:9,.0f} {m['gflops']:8.1f}")
+  (a, ma), (b, mb) = med.items()
+  print(f"ratio {a} / {b}: step time {ma['step_ms'] / mb['step_ms']:.3f}, model FLOP/s {ma['gflops'] / mb['gflops']:.3f}")
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=200)
-  parser.add_argument("--rows", default="shakespeare,default", help=f"comma-separated: {', '.join(ROWS)}")
+  parser.add_argument("--rows", default="shakespeare,default,objectives",
+                      help=f"comma-separated: {', '.join(ROWS)}, objectives")
+  parser.add_argument("--repeats", type=int, default=3, help="alternated runs per objectives row")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -127,9 +177,15 @@ def main() -> None:
     print(json.dumps(measure_row(name, overrides, tuple(mesh), args.steps)))
     return
 
+  groups = args.rows.split(",")
+  if "objectives" in groups:
+    compare_objectives(args.steps, args.repeats)
+    groups.remove("objectives")
+    if not groups:
+      return
   peaks = [fp32_matmul_flops()]
   results = []
-  for group in args.rows.split(","):
+  for group in groups:
     for label, name, overrides, devices, mesh, malloc in ROWS[group]:
       env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
       env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"

@@ -33,6 +33,7 @@ from jaxlm.evaluate import stream_evaluator, stream_rows
 from jaxlm.generate import Generator, Sampling
 from jaxlm.models.transformer import ModelConfig
 from jaxlm.objectives import clm, mlm
+from jaxlm.objectives.base import with_article
 from jaxlm.parallel import Inference, batch_sharding, make_mesh
 from jaxlm.train import compile_eval, plan_train_state
 
@@ -167,7 +168,7 @@ class Run:
   def _needs(self, kind: str, what: str) -> None:
     if self.objective.prompt_kind != kind:
       other = "fill" if kind == "continue" else "generate"
-      raise UserError(f"{self.workdir} is a {self.objective.family} run (objective {self.objective.name}); "
+      raise UserError(f"{self.workdir} is {with_article(self.objective.family)} run (objective {self.objective.name}); "
                       f"it cannot {what}", f"use {other}() (`jaxlm sample` picks it by itself)")
 
   def evaluate(self, data: str | None = None) -> dict:
@@ -175,7 +176,9 @@ class Run:
     or (default) of the run's own validation split: loss (nats per counted token), perplexity, bits per
     byte, and accuracy for a masked LM (over masks drawn from the run's seed, the same every call).
     The eval step compiles once per Run."""
-    tokens, weights, source = self._eval_tokens(data)
+    tokens, weights, offsets, source = self._eval_tokens(data)
+    if self.config.data.sequences != "packed":
+      offsets = None  # (trained on windows of the stream: evaluated on them)
     seq_len, batch = self.config.data.seq_len, self.config.data.batch_size
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     batch = -(-batch // shards) * shards
@@ -183,29 +186,32 @@ class Run:
     if self._evaluator is None:
       step = compile_eval(self._setup, self._shardings.params, sharding)
       self._evaluator = stream_evaluator(step, self.objective, self.tokenizer, self.config.seed, sharding, batch)
-    rows = stream_rows(tokens, seq_len, batch, jax.process_index(), jax.process_count(), weights)
+    rows = stream_rows(tokens, seq_len, batch, jax.process_index(), jax.process_count(), weights, offsets)
     with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
       result = self._evaluator.evaluate(self.params, rows)
     counted = ("masked tokens" if self.objective.prompt_kind == "fill" else
                "every token" if weights is None else "tokens of weight 1 (responses)")
     return {**result, "data": source, "step": self.step, "objective": self.objective.name, "counted": counted}
 
-  def _eval_tokens(self, data: str | None) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """(tokens, their loss weights or None, a description)."""
+  def _eval_tokens(self, data: str | None):
+    """(tokens, their loss weights or None, where each document starts, a description)."""
     if data is None:
       corpus = load_data(self.config.data)
-      return corpus.val_tokens, corpus.val_weights, f"{self.config.data.path or 'built-in fairy tales'} (validation)"
+      offsets = corpus.val_offsets if corpus.val_offsets is not None else np.array([0, len(corpus.val_tokens)])
+      return (corpus.val_tokens, corpus.val_weights, offsets,
+              f"{self.config.data.path or 'built-in fairy tales'} (validation)")
     if is_store(data):
       store = TokenStore(data)
       if load_tokenizer_json(store.tokenizer_json).to_json() != self.tokenizer.to_json():
         raise UserError(f"{data} was tokenized with another tokenizer than {self.workdir}",
                         "evaluate on a text file, or a store prepared with this run's tokenizer.json")
       weights = store.read_weights("validation") if store.pairs is not None else None
-      return store.read("validation")[0], weights, f"{data} (validation)"
+      tokens, offsets = store.read("validation")
+      return tokens, weights, offsets, f"{data} (validation)"
     tokens = self.tokenizer.encode(read_text(data))
     if len(tokens) < 2:
       raise UserError(f"{data} is too short to evaluate", "give a file with more text")
-    return tokens, None, data
+    return tokens, None, np.array([0, len(tokens)]), data
 
   def metrics(self) -> list[dict]:
     """metrics.jsonl: one dict per logged step (training) or evaluation (val_*)."""

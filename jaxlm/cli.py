@@ -316,7 +316,7 @@ def evaluate(argv: list[str]) -> None:
     print(f"{result['data']} at step {result['step']}, {result['counted']} ({result['tokens']:,}): loss "
           f"{result['loss']:.4f}, perplexity {result['perplexity']:.3f}, bits per byte "
           f"{result['bits_per_byte']:.4f}{accuracy} (training's val_loss is an estimate of this from "
-          f"{run.config.train.eval_batches} batches)")
+          f"{run.config.train.eval_batches} batches of {'windows' if run.config.data.sequences == 'windows' else 'packed documents'})")
 
 
 _DEFINES = {"prepare": _define_prepare, "sample": _define_sample, "eval": _define_eval}

@@ -42,10 +42,13 @@ class Evaluator:
 
 
 def stream_rows(tokens: np.ndarray, seq_len: int, batch_size: int, process_index: int = 0,
-                process_count: int = 1, weights: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+                process_count: int = 1, weights: np.ndarray | None = None,
+                offsets: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
   """This process's rows of batches covering the stream: tokens (B, T + 1), weights and segment ids (B, T).
 
   `weights` (one per token of the stream, e.g. a pairs store's) mark which tokens count; by default all.
+  `offsets` (where each document starts, and the end): rows as a run on packed documents saw them, each
+  piece of a document in a row its own segment, with positions from 0 (packing.py).
   """
   windows = max(1, -(-(len(tokens) - 1) // seq_len))
   rows = batch_size // process_count
@@ -53,6 +56,8 @@ def stream_rows(tokens: np.ndarray, seq_len: int, batch_size: int, process_index
     batch = {"tokens": np.zeros((batch_size, seq_len + 1), np.int32),
              "weights": np.zeros((batch_size, seq_len), np.float32),
              "segment_ids": np.zeros((batch_size, seq_len), np.int32)}
+    if offsets is not None:
+      batch["positions"] = np.zeros((batch_size, seq_len), np.int32)
     for row, w in enumerate(range(first, min(first + batch_size, windows))):  # (w: the window)
       at = slice(w * seq_len, w * seq_len + seq_len + 1)
       piece = np.asarray(tokens[at], np.int32)
@@ -60,6 +65,11 @@ def stream_rows(tokens: np.ndarray, seq_len: int, batch_size: int, process_index
       batch["tokens"][row, :n + 1] = piece
       batch["weights"][row, :n] = 1.0 if weights is None else np.asarray(weights[at][1:], np.float32)
       batch["segment_ids"][row, :n] = 1
+      if offsets is not None:
+        targets = np.arange(w * seq_len + 1, w * seq_len + 1 + n)  # stream indices of the row's tokens
+        docs = np.searchsorted(offsets, targets, side="right") - 1
+        batch["segment_ids"][row, :n] = docs - docs[0] + 1
+        batch["positions"][row, :n] = targets - np.maximum(np.asarray(offsets)[docs], targets[0])
     yield {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
 
 

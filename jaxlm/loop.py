@@ -27,7 +27,7 @@ from jaxlm.errors import RunFailed, UserError
 from jaxlm.evaluate import Evaluator
 from jaxlm.metrics import MetricsLog, Progress, flops_per_token, param_count
 from jaxlm.models.transformer import ModelConfig
-from jaxlm.objectives.base import TRAIN_STREAM, VAL_STREAM
+from jaxlm.objectives.base import TRAIN_STREAM, VAL_STREAM, with_article
 from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
 from jaxlm.preemption import StopSignals, stop_requested
 from jaxlm.samples import end_sample
@@ -77,8 +77,8 @@ def _check_family(config, source: str) -> None:
   theirs = saved.get("objective", "clm")
   mine, other = objectives.get(config.objective), objectives.get(theirs)
   if other.family != mine.family:
-    raise UserError(f"init_from={config.init_from} is a {other.family} (objective {theirs}); objective "
-                    f"{config.objective} trains a {mine.family}",
+    raise UserError(f"init_from={config.init_from} is {with_article(other.family)} (objective {theirs}); objective "
+                    f"{config.objective} trains {with_article(mine.family)}",
                     f"start from a run of objective {config.objective}, or drop --config.init_from")
 
 

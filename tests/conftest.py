@@ -47,5 +47,24 @@ def trained_run(tmp_path_factory) -> Trained:
   return Trained(config, workdir, result, out.getvalue())
 
 
+@dataclasses.dataclass(frozen=True)
+class Bert:
+  workdir: object  # pathlib.Path
+  output: str  # what `jaxlm train` printed
+
+
+@pytest.fixture(scope="session")
+def bert_run(tmp_path_factory) -> Bert:
+  """configs/bert_tiny.py trained as a user runs it (`jaxlm train`, its own 2 CPU devices, its default
+  budget): a masked-LM encoder that has learned something, shared by the MLM tests."""
+  from processes import spawn_jaxlm
+
+  workdir = tmp_path_factory.mktemp("bert") / "w"
+  (proc,) = spawn_jaxlm(["train", f"--config={ROOT}/configs/bert_tiny.py", f"--workdir={workdir}"], devices=2)
+  out, err = proc.communicate(timeout=900)
+  assert proc.returncode == 0, err[-3000:]
+  return Bert(workdir, out)
+
+
 def pytest_configure(config):
   assert jax.device_count() == 8, "tests expect 8 simulated CPU devices"

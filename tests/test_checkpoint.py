@@ -174,7 +174,8 @@ def test_restore_reshards_onto_another_mesh_and_continues(trained):
       sharding = batch_sharding(mesh, tuple(config.mesh.rules))
       train, _ = compile_steps(setup, shardings, sharding)
       tokens = np.arange(5000, dtype=np.uint16) % 260
-      data = TrainBatches(tokens, seq_len=16, batch_size=8, seed=0, step=6)
+      data = TrainBatches(tokens, seq_len=16, batch_size=8, seed=0, step=6, transform=setup.objective.transform(
+          None, 0, 0))
       _, metrics = train(state, to_global_batch(next(data), sharding))
       results[name] = arrays, float(metrics["loss"])
   saved, loss = results["8x1x1"]

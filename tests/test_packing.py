@@ -182,3 +182,28 @@ def test_packing_plain_text_is_refused(tmp_path, capsys):
   code = cli.main(["train", f"--config={ROOT}/tests/tiny.py", f"--workdir={tmp_path / 'w'}", "--config.mesh.data=-1",
                    "--config.data.sequences=bins"])
   assert code == 2 and "not one of windows, packed" in capsys.readouterr().err
+
+
+def test_evaluation_rows_of_a_packed_run_cut_documents_as_training_does():
+  """`jaxlm eval` of a packed run: consecutive rows, each token a target once, every document piece its
+  own segment with positions from 0 (what the packer gives a piece), EOS before a document's start."""
+  from jaxlm.evaluate import stream_rows
+
+  docs, offsets = documents([5, 30, 11, 2, 20, 9])
+  tokens = np.concatenate(docs)
+  rows = [next_token(r) for r in stream_rows(tokens, SEQ, 4, offsets=offsets)]
+  seen = []
+  for batch in rows:
+    for r in range(len(batch["targets"])):
+      row = {k: v[r] for k, v in batch.items()}
+      counted = row["weights"] > 0
+      for s, where in segments(row):
+        if not counted[where].any():
+          continue  # (padding)
+        assert np.array_equal(row["positions"][where], np.arange(where.stop - where.start))
+        piece = row["targets"][where]
+        assert any(piece.tobytes() in d.tobytes() for d in docs), "a segment is a piece of one document"
+        if row["positions"][where.start] == 0 and piece.tobytes() in [d[:len(piece)].tobytes() for d in docs]:
+          assert row["inputs"][where.start] == EOS or where.start == 0
+      seen.append(row["targets"][counted])
+  assert np.array_equal(np.concatenate(seen), tokens[1:]), "every token after the first, once, in order"

@@ -9,7 +9,9 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_config
 from jaxlm.config import DEFAULT_RULES
 from jaxlm.data.text import train_batch
-from jaxlm.objectives.clm import next_token
+from jaxlm import objectives
+from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.objectives.base import TRAIN_STREAM
 from jaxlm.models.transformer import ModelConfig
 from jaxlm.parallel import batch_sharding, logical_to_spec, make_mesh, to_global_batch
 from jaxlm.train import compile_steps, create_train_state
@@ -21,14 +23,15 @@ TOKENS = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16)
 def run_steps(config, shape, steps=3):
   n = int(np.prod(shape))
   mesh = make_mesh(shape, jax.devices()[:n])
+  to_batch = objectives.get(config.objective).transform(ByteTokenizer(), config.seed, TRAIN_STREAM)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(config.mesh.rules)):
     setup, state, shardings = create_train_state(config, _model_config(config), np.ones(384), mesh)
     sharding = batch_sharding(mesh, tuple(config.mesh.rules))
     train, _ = compile_steps(setup, shardings, sharding)
     losses = []
     for step in range(steps):
-      batch = next_token(train_batch(TOKENS, step, seq_len=config.data.seq_len,
-                                     batch_size=config.data.batch_size, seed=0))
+      batch = to_batch(train_batch(TOKENS, step, seq_len=config.data.seq_len,
+                                   batch_size=config.data.batch_size, seed=0), step, 0)
       state, metrics = train(state, to_global_batch(batch, sharding))
       losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params), state
@@ -38,25 +41,32 @@ def _model_config(config):
   return ModelConfig.from_config(config.model, 384)
 
 
-def mesh_test_config():
+def mesh_test_config(objective="clm"):
   # Adam divides by sqrt(v) + eps: where a gradient is ~1e-9 (e.g. unused vocabulary rows), a
   # reduction-order rounding difference becomes an lr-sized update difference (measured: 3.2e-6 on
   # (1,2,4) with eps=1e-8; 1.2e-7 on every mesh with eps=1e-5). eps=1e-5 makes the comparison
   # well-conditioned so that the bound below tests the sharding, not Adam's conditioning.
   c = tiny_config()
   c.optim.eps = 1e-5
+  c.objective = objective
   return c
 
 
 @pytest.fixture(scope="module")
 def reference():
-  return run_steps(mesh_test_config(), (1, 1, 1))
+  runs = {}
+  def get(objective):
+    if objective not in runs:
+      runs[objective] = run_steps(mesh_test_config(objective), (1, 1, 1))
+    return runs[objective]
+  return get
 
 
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
 @pytest.mark.parametrize("shape", MESHES[1:])
-def test_three_steps_give_the_same_losses_and_parameters_on_every_mesh(reference, shape):
-  ref_losses, ref_params, _ = reference
-  losses, params, state = run_steps(mesh_test_config(), shape)
+def test_three_steps_give_the_same_losses_and_parameters_on_every_mesh(reference, shape, objective):
+  ref_losses, ref_params, _ = reference(objective)
+  losses, params, state = run_steps(mesh_test_config(objective), shape)
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(got, want, atol=1e-6)

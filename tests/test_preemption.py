@@ -175,3 +175,17 @@ def test_a_second_sigint_aborts_at_once(monkeypatch, capsys):
   err = capsys.readouterr().err
   assert "SIGINT received: finishing this step" in err and "second SIGINT: aborting without saving" in err
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on exit
+
+
+def test_a_killed_masked_lm_run_restarts_bit_for_bit(tmp_path):
+  """The masks are drawn from (seed, step, row): a restart draws the ones the killed run would have."""
+  mlm = "--config.objective=mlm"
+  uninterrupted = tmp_path / "reference"
+  finish(uninterrupted, "1 device", mlm)
+  workdir = tmp_path / "w"
+  codes, _ = interrupt_at(workdir, "1 device", random.Random("sigkill mlm").randint(15, 95), signal.SIGKILL, mlm)
+  assert codes == [-signal.SIGKILL]
+  finish(workdir, "1 device", mlm)
+  assert "resumed from" in output(workdir)[0]
+  assert all("accuracy" in m for m in metrics(workdir) if "loss" in m)
+  assert_same_run(workdir, uninterrupted)

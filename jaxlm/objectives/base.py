@@ -69,6 +69,11 @@ def passthrough(rows: dict) -> dict:
   return {k: rows[k] for k in ("segment_ids", "positions") if k in rows}
 
 
+def with_article(family: str) -> str:
+  """'a decoder', 'an encoder'."""
+  return ("an " if family[0] in "aeiou" else "a ") + family
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """The parts every objective module defines (see objectives/__init__.py)."""
