@@ -161,7 +161,8 @@ def compare_objectives(steps: int, repeats: int) -> None:
   for label, m in med.items():
     print(f"{label:40s} {m['step_ms']:8.1f} {m['tokens_per_sec']:9,.0f} {m['gflops']:8.1f}")
   (a, ma), (b, mb) = med.items()
-  print(f"ratio {a} / {b}: step time {ma['step_ms'] / mb['step_ms']:.3f}, model FLOP/s {ma['gflops'] / mb['gflops']:.3f}")
+  print(f"ratio {a} / {b}: step time {ma['step_ms'] / mb['step_ms']:.3f}, "
+        f"model FLOP/s {ma['gflops'] / mb['gflops']:.3f}")
 
 
 def main() -> None:

@@ -168,7 +168,8 @@ class Run:
   def _needs(self, kind: str, what: str) -> None:
     if self.objective.prompt_kind != kind:
       other = "fill" if kind == "continue" else "generate"
-      raise UserError(f"{self.workdir} is {with_article(self.objective.family)} run (objective {self.objective.name}); "
+      family = with_article(self.objective.family)
+      raise UserError(f"{self.workdir} is {family} run (objective {self.objective.name}); "
                       f"it cannot {what}", f"use {other}() (`jaxlm sample` picks it by itself)")
 
   def evaluate(self, data: str | None = None) -> dict:

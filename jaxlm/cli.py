@@ -298,6 +298,9 @@ def _continue(run, v: flags.FlagValues, prompt: str) -> None:
         print(f"jaxlm: note: {positions_full(run.model_config.max_seq_len)}", file=sys.stderr, flush=True)
 
 
+_ROWS = {"windows": "windows", "packed": "packed documents"}  # (data.sequences, in words)
+
+
 def evaluate(argv: list[str]) -> None:
   v = _parse_run_flags(argv, _define_eval)
   _start_jax_for(v.workdir)
@@ -316,7 +319,7 @@ def evaluate(argv: list[str]) -> None:
     print(f"{result['data']} at step {result['step']}, {result['counted']} ({result['tokens']:,}): loss "
           f"{result['loss']:.4f}, perplexity {result['perplexity']:.3f}, bits per byte "
           f"{result['bits_per_byte']:.4f}{accuracy} (training's val_loss is an estimate of this from "
-          f"{run.config.train.eval_batches} batches of {'windows' if run.config.data.sequences == 'windows' else 'packed documents'})")
+          f"{run.config.train.eval_batches} batches of {_ROWS[run.config.data.sequences]})")
 
 
 _DEFINES = {"prepare": _define_prepare, "sample": _define_sample, "eval": _define_eval}

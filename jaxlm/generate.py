@@ -157,7 +157,7 @@ class Generator:
     return self._new_tokens(state, lengths)
 
   def _new_tokens(self, state, lengths) -> list[np.ndarray]:
-    out, last, done = self.place.fetch(state["out"]), self.place.fetch(state["pos"]), self.place.fetch(state["done"])
+    out, last, done = (self.place.fetch(state[k]) for k in ("out", "pos", "done"))
     rows = []
     for row, start in enumerate(lengths):
       new = out[row, start:last[row] + 1]

@@ -77,8 +77,8 @@ def _check_family(config, source: str) -> None:
   theirs = saved.get("objective", "clm")
   mine, other = objectives.get(config.objective), objectives.get(theirs)
   if other.family != mine.family:
-    raise UserError(f"init_from={config.init_from} is {with_article(other.family)} (objective {theirs}); objective "
-                    f"{config.objective} trains {with_article(mine.family)}",
+    raise UserError(f"init_from={config.init_from} is {with_article(other.family)} (objective {theirs}); "
+                    f"objective {config.objective} trains {with_article(mine.family)}",
                     f"start from a run of objective {config.objective}, or drop --config.init_from")
 
 
@@ -161,8 +161,8 @@ class Trainer:
                              process_count=jax.process_count())
     self.setup, self.init, self.shardings = plan_train_state(config, model_config, token_bytes, mesh)
     self.objective = self.setup.objective
-    self.data = corpus.train_batches(workers=config.data.loader_workers, **self.batch_kwargs,
-                                     transform=self.objective.transform(corpus.tokenizer, config.seed, TRAIN_STREAM))
+    to_batch = self.objective.transform(corpus.tokenizer, config.seed, TRAIN_STREAM)
+    self.data = corpus.train_batches(workers=config.data.loader_workers, transform=to_batch, **self.batch_kwargs)
     self.checkpoints = Checkpoints(workdir, c.keep_checkpoints, c.keep_best)
     self.sharding = batch_sharding(mesh, tuple(config.mesh.rules))
 
@@ -177,15 +177,19 @@ class Trainer:
                               "use it as it is)")
         return {"finished_at": start}
       self.train, self.eval_step = compile_steps(self.setup, self.shardings, self.sharding)
-      kw = self.batch_kwargs
-      self.evaluator = Evaluator(self.eval_step, self.objective.transform(self.corpus.tokenizer, kw["seed"],
-                                                                          VAL_STREAM),
-                                 self.sharding, first_row(kw["batch_size"], kw["process_index"], kw["process_count"]))
-      self.val_rows = self.corpus.eval_batches(num_batches=self.config.train.eval_batches, **kw)
+      self.evaluator, self.val_rows = self.validation()
       state, stopped_at = self.steps(state)
     finally:
       self.checkpoints.close()  # pending saves are committed, also when the run stops with an error
     return self.finish(state, stopped_at)
+
+  def validation(self) -> tuple[Evaluator, list]:
+    """The evaluator of the loop (the objective's VAL stream) and its fixed validation rows."""
+    kw = self.batch_kwargs
+    to_batch = self.objective.transform(self.corpus.tokenizer, kw["seed"], VAL_STREAM)
+    first = first_row(kw["batch_size"], kw["process_index"], kw["process_count"])
+    rows = self.corpus.eval_batches(num_batches=self.config.train.eval_batches, **kw)
+    return Evaluator(self.eval_step, to_batch, self.sharding, first), rows
 
   def restore_or_init(self):
     """The newest valid checkpoint of the workdir, or a fresh state (from init_from's parameters)."""

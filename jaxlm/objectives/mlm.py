@@ -133,8 +133,8 @@ class Filler:
     order_MxV = np.argsort(-probs_TxV[where], axis=-1, kind="stable")
     filled = ids.copy()
     filled[where] = order_MxV[:, 0]
-    candidates = [[(self.tokenizer.decode(np.array([i])), float(probs_TxV[w, i])) for i in order_MxV[n, :top_k]]
-                  for n, w in enumerate(where)]
+    decode = lambda i: self.tokenizer.decode(np.array([i]))
+    candidates = [[(decode(i), float(probs_TxV[w, i])) for i in order_MxV[n, :top_k]] for n, w in enumerate(where)]
     return Filled(self.tokenizer.decode(filled), candidates)
 
   def _program(self, length: int):
