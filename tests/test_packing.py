@@ -207,3 +207,13 @@ def test_evaluation_rows_of_a_packed_run_cut_documents_as_training_does():
           assert row["inputs"][where.start] == EOS or where.start == 0
       seen.append(row["targets"][counted])
   assert np.array_equal(np.concatenate(seen), tokens[1:]), "every token after the first, once, in order"
+
+
+def test_a_masked_lm_trains_on_packed_documents(packed_store, tmp_path):
+  config = tiny_config()
+  config.mesh.data, config.data.path, config.data.sequences = -1, packed_store, "packed"
+  config.objective = "mlm"
+  last = loop.run(config, str(tmp_path), quiet=True)
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in lines if "val_accuracy" in m] == [3, 6]
+  assert 0 < last["val_accuracy"] < 1 and np.isfinite(last["val_loss"]) and "accuracy" in last
