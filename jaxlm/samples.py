@@ -18,14 +18,14 @@ def end_sample(config, corpus, setup, params, model_config, mesh) -> str:
     filler = mlm.Filler(setup.graphdef, params, corpus.tokenizer, model_config.vocab_size,
                         model_config.max_seq_len, Inference(mesh, rules))
     return f"{prompt}\n-> {filler(prompt).text}"
-  return _continuation(config, corpus.tokenizer, setup, params, model_config, mesh)
+  return _continuation(config, corpus.tokenizer, setup, params, model_config, mesh, rules)
 
 
-def _continuation(config, tokenizer, setup, params, model_config, mesh) -> str:
+def _continuation(config, tokenizer, setup, params, model_config, mesh, rules) -> str:
   """The prompt and up to train.sample_tokens of continuation (as many as fit the model's positions)."""
   prompt = clm.prompt_ids(tokenizer, config.train.sample_prompt, config.data.sequences == "packed")
   generator = generate.Generator(setup.graphdef, params, model_config, eos_id=tokenizer.EOS,
-                                 vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=tuple(config.mesh.rules))
+                                 vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules)
   room = generator.room(len(prompt))
   if room < 1 or len(prompt) == 0:
     return f"(no room after a prompt of {len(prompt)} tokens in {model_config.max_seq_len} positions)"
