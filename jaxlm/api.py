@@ -8,6 +8,8 @@
     run.evaluate()                               # {'loss': ..., 'perplexity': ..., 'bits_per_byte': ...}
     bert = jaxlm.load("/tmp/bert")               # a masked-LM run (objective mlm):
     print(bert.fill("The <mask><mask><mask> sat.", top_k=3).text)
+    t5 = jaxlm.load("/tmp/t5")                   # an encoder-decoder run (objective span or seq2seq):
+    print(t5.translate("Once upon a <extra_id_0>, there lived a king.", beams=4))
 
 `jaxlm sample` and `jaxlm eval` are this API behind flags. (`fit`, not `train`: jaxlm.train is the module
 of the pure train_step.)
@@ -27,13 +29,12 @@ from jaxlm.config import config_from_json, mesh_shape
 from jaxlm.configfile import load_config_file
 from jaxlm.data.store import TokenStore, is_store
 from jaxlm.data.text import load_data, read_text
-from jaxlm.data.tokenizer import load_tokenizer_json, padded_vocab_size
+from jaxlm.data.tokenizer import load_tokenizer_json
 from jaxlm.errors import UserError
-from jaxlm.evaluate import stream_evaluator, stream_rows
+from jaxlm.evaluate import example_rows, stream_evaluator, stream_rows
 from jaxlm.generate import Generator, Sampling
-from jaxlm.models.transformer import ModelConfig
-from jaxlm.objectives import clm, mlm
-from jaxlm.objectives.base import with_article
+from jaxlm.objectives import clm, mlm, span
+from jaxlm.objectives.base import EVAL_STREAM, with_article
 from jaxlm.parallel import Inference, batch_sharding, make_mesh
 from jaxlm.train import compile_eval, plan_train_state
 
@@ -97,20 +98,29 @@ class Run:
       raise UserError(f"{workdir} has no tokenizer.json", "train again in this workdir to write it")
     with open(tok_path) as f:
       self.tokenizer = load_tokenizer_json(f.read(), tok_path)
-    self.model_config = ModelConfig.from_config(self.config.model, padded_vocab_size(self.tokenizer.vocab_size))
-    self.token_bytes = np.zeros(self.model_config.vocab_size, np.float32)
-    self.token_bytes[:self.tokenizer.vocab_size] = self.tokenizer.token_bytes()
+    from jaxlm.loop import model_for
+
+    self.model_config, self.token_bytes = model_for(self.config, self.tokenizer)
     self.mesh, self.rules = _local_mesh(self.config), tuple(self.config.mesh.rules)
     with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
       setup, init, shardings = plan_train_state(self.config, self.model_config, self.token_bytes, self.mesh)
       abstract = abstract_like(jax.eval_shape(init).params, shardings.params)
       self.params, self.step = load_params(where, abstract)
     self.graphdef, self.objective, self._setup, self._shardings = setup.graphdef, setup.objective, setup, shardings
-    self._generator = Generator(self.graphdef, self.params, self.model_config, eos_id=self.tokenizer.EOS,
-                                vocab_limit=self.tokenizer.vocab_size, mesh=self.mesh, rules=self.rules)
-    self._filler = mlm.Filler(self.graphdef, self.params, self.tokenizer, self.model_config.vocab_size,
-                              self.model_config.max_seq_len, Inference(self.mesh, self.rules))
     self._evaluator = None  # built (and compiled) by the first evaluate()
+    tok, kind = self.tokenizer, self.objective.prompt_kind
+    if kind == "continue":
+      self._generator = Generator(self.graphdef, self.params, self.model_config, eos_id=tok.EOS,
+                                  vocab_limit=tok.vocab_size, mesh=self.mesh, rules=self.rules)
+    elif kind == "fill":
+      self._filler = mlm.Filler(self.graphdef, self.params, tok, self.model_config.vocab_size,
+                                self.model_config.max_seq_len, Inference(self.mesh, self.rules))
+    else:
+      from jaxlm.translate import translator_for
+
+      self._sentinels = self.objective.extra_ids(self.config.data)
+      self._translator = translator_for(self.objective, self.config, tok, self.graphdef, self.params,
+                                        self.model_config, self.mesh)
 
   def __repr__(self) -> str:
     return f"Run({self.workdir!r}, step={self.step}, {self.model_config})"
@@ -165,42 +175,113 @@ class Run:
       raise UserError(f"top_k must be 0 or more, got {top_k}", "e.g. --top_k=5; 0 shows none")
     return self._filler(prompt, top_k)
 
+  def translate(self, prompts: str | list[str], *, max_new_tokens: int | None = None, temperature: float = 0.0,
+                top_k: int = 0, top_p: float = 1.0, seed: int = 0, beams: int = 1, alpha: float | None = None,
+                sample_id: int = 0) -> str | list[str]:
+    """The decoded target of each input (an encoder-decoder run, objective span or seq2seq): one text
+    for one prompt, a list for a list (inputs of any lengths, decoded as one batch).
+
+    Greedy by default; temperature > 0 samples (with top_k, top_p); beams > 1 is beam search with t5x's
+    length penalty `alpha` (default 0.6), deterministic. A span run's prompts and targets write its
+    sentinels as <extra_id_0>, <extra_id_1>, ... max_new_tokens: default, the run's data.target_len.
+    """
+    from jaxlm.translate import DEFAULT_ALPHA
+
+    self._needs("translate", "translate")
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids, new = self.check_inputs(texts, max_new_tokens, beams)
+    sampling = Sampling(temperature, top_k, top_p).check()
+    if beams > 1 and (temperature > 0 or top_k or top_p < 1.0):
+      raise UserError(f"beam search (beams={beams}) is deterministic; temperature, top_k and top_p sample",
+                      "drop the sampling settings for beam search, or use beams=1 to sample")
+    outs, _ = self._translator.translate(ids, max_new_tokens=new, sampling=sampling, seed=seed, beams=beams,
+                                         alpha=DEFAULT_ALPHA if alpha is None else alpha,
+                                         sample_ids=range(sample_id, sample_id + len(ids)))
+    decoded = [self.decode_target(o) for o in outs]
+    return decoded[0] if isinstance(prompts, str) else decoded
+
+  def check_inputs(self, texts: list[str], max_new_tokens: int | None = None, beams: int = 1):
+    """(each input's ids, new tokens), or a UserError if they do not fit the model's positions."""
+    self._needs("translate", "translate")
+    if self._sentinels:
+      ids = [span.encode_prompt(self.tokenizer, t, self._sentinels) for t in texts]
+    else:
+      ids = [self.tokenizer.encode(t).astype(np.int32) for t in texts]
+    ids = [np.append(i, np.int32(self.tokenizer.EOS)) if len(i) else i for i in ids]  # (as in training)
+    new = self.objective.decoder_len(self.config.data) if max_new_tokens is None else max_new_tokens
+    self._translator.check(ids, new, beams)
+    return ids, new
+
+  def decode_target(self, ids) -> str:
+    """A decoded target as text (a span run's sentinels as <extra_id_N>)."""
+    return span.decode_text(self.tokenizer, ids, self._sentinels)
+
   def _needs(self, kind: str, what: str) -> None:
     if self.objective.prompt_kind != kind:
-      other = "fill" if kind == "continue" else "generate"
+      other = {"continue": "generate", "fill": "fill", "translate": "translate"}[self.objective.prompt_kind]
       family = with_article(self.objective.family)
       raise UserError(f"{self.workdir} is {family} run (objective {self.objective.name}); "
                       f"it cannot {what}", f"use {other}() (`jaxlm sample` picks it by itself)")
 
-  def evaluate(self, data: str | None = None) -> dict:
+  def evaluate(self, data: str | None = None, *, max_examples: int = 100) -> dict:
     """The objective's metrics over every token of a text file, of a prepared store's validation split,
     or (default) of the run's own validation split: loss (nats per counted token), perplexity, bits per
-    byte, and accuracy for a masked LM (over masks drawn from the run's seed, the same every call).
+    byte, and accuracy for a masked LM (over masks drawn from the run's seed, the same every call) and an
+    encoder-decoder (of the targets' tokens). For a seq2seq run, also `exact_match`: the share of the
+    first `max_examples` validation pairs (0: all) whose greedy decoding is exactly the target.
     The eval step compiles once per Run."""
-    tokens, weights, offsets, source = self._eval_tokens(data)
-    if self.config.data.sequences != "packed":
-      offsets = None  # (trained on windows of the stream: evaluated on them)
-    seq_len, batch = self.config.data.seq_len, self.config.data.batch_size
+    if max_examples < 0:
+      raise UserError(f"max_examples must be 0 (all) or more, got {max_examples}", "e.g. --max_examples=100")
+    tokens, weights, offsets, source, pairs = self._eval_tokens(data)
+    self.objective.check_data(pairs, source)
+    c = self.config
+    offsets_for_rows = offsets if c.data.sequences == "packed" else None  # (else: windows of the stream)
+    batch = c.data.batch_size
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     batch = -(-batch // shards) * shards
     sharding = batch_sharding(self.mesh, self.rules)
     if self._evaluator is None:
       step = compile_eval(self._setup, self._shardings.params, sharding)
-      self._evaluator = stream_evaluator(step, self.objective, self.tokenizer, self.config.seed, sharding, batch)
-    rows = stream_rows(tokens, seq_len, batch, jax.process_index(), jax.process_count(), weights, offsets)
+      self._evaluator = stream_evaluator(step, self.objective, self.tokenizer, c.seed, sharding, batch, c.data)
+    packer = (self.objective.example_packer(offsets, weights, c.data, c.seed, EVAL_STREAM, shuffle=False)
+              if pairs is not None else None)
+    where = jax.process_index(), jax.process_count()
+    rows = (example_rows(packer, tokens, weights, batch, *where) if packer is not None else
+            stream_rows(tokens, self.objective.row_len(c.data), batch, *where, weights, offsets_for_rows))
     with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
       result = self._evaluator.evaluate(self.params, rows)
-    counted = ("masked tokens" if self.objective.prompt_kind == "fill" else
+    kind = self.objective.prompt_kind
+    counted = ("masked tokens" if kind == "fill" else "target tokens" if kind == "translate" else
                "every token" if weights is None else "tokens of weight 1 (responses)")
-    return {**result, "data": source, "step": self.step, "objective": self.objective.name, "counted": counted}
+    result = {**result, "data": source, "step": self.step, "objective": self.objective.name, "counted": counted}
+    if packer is not None:
+      result["exact_match"], result["examples"] = self._exact_match(tokens, weights, offsets, max_examples)
+    return result
+
+  def _exact_match(self, tokens, weights, offsets, max_examples: int) -> tuple[float, int]:
+    """The share of the split's first examples whose greedy decoding equals their target (EOS aside)."""
+    from jaxlm.data.pairs import split_example
+
+    count = len(offsets) - 1 if max_examples == 0 else min(max_examples, len(offsets) - 1)
+    new, seq_len, eos = self.objective.decoder_len(self.config.data), self.config.data.seq_len, self.tokenizer.EOS
+    hits, chunk = 0, 32  # inputs decoded per batch (the last batch repeats an input to keep its shape)
+    for first in range(0, count, chunk):
+      pairs = [split_example(tokens[offsets[d]:offsets[d + 1]], weights[offsets[d]:offsets[d + 1]], eos)
+               for d in range(first, min(first + chunk, count))]
+      inputs = [x[:seq_len] for x, _ in pairs]  # (truncated as in training)
+      outs, _ = self._translator.translate(inputs + inputs[:1] * (chunk - len(inputs)), max_new_tokens=new,
+                                           sampling=Sampling(temperature=0.0))
+      hits += sum(np.array_equal(o, t[t != eos]) for o, (_, t) in zip(outs, pairs))
+    return hits / max(count, 1), count
 
   def _eval_tokens(self, data: str | None):
-    """(tokens, their loss weights or None, where each document starts, a description)."""
+    """(tokens, their loss weights or None, where each document starts, a description, the pairs
+    store's fields or None)."""
     if data is None:
       corpus = load_data(self.config.data)
       offsets = corpus.val_offsets if corpus.val_offsets is not None else np.array([0, len(corpus.val_tokens)])
       return (corpus.val_tokens, corpus.val_weights, offsets,
-              f"{self.config.data.path or 'built-in fairy tales'} (validation)")
+              f"{self.config.data.path or 'built-in fairy tales'} (validation)", corpus.pairs)
     if is_store(data):
       store = TokenStore(data)
       if load_tokenizer_json(store.tokenizer_json).to_json() != self.tokenizer.to_json():
@@ -208,11 +289,11 @@ class Run:
                         "evaluate on a text file, or a store prepared with this run's tokenizer.json")
       weights = store.read_weights("validation") if store.pairs is not None else None
       tokens, offsets = store.read("validation")
-      return tokens, weights, offsets, f"{data} (validation)"
+      return tokens, weights, offsets, f"{data} (validation)", store.pairs
     tokens = self.tokenizer.encode(read_text(data))
     if len(tokens) < 2:
       raise UserError(f"{data} is too short to evaluate", "give a file with more text")
-    return tokens, None, np.array([0, len(tokens)]), data
+    return tokens, None, np.array([0, len(tokens)]), data, None
 
   def metrics(self) -> list[dict]:
     """metrics.jsonl: one dict per logged step (training) or evaluation (val_*)."""

@@ -199,12 +199,14 @@ def _define_sample(v: flags.FlagValues) -> None:
                       "masked-LM run, text with <mask> where tokens are missing", flag_values=v)
   flags.DEFINE_integer("num_samples", 1, "how many continuations", flag_values=v)
   flags.DEFINE_integer("max_new_tokens", 0, "tokens to generate (0: as many as fit)", flag_values=v)
-  flags.DEFINE_float("temperature", 0.8, "0: greedy", flag_values=v)
+  flags.DEFINE_float("temperature", 0.8, "0: greedy (encoder-decoder runs: greedy unless given)", flag_values=v)
   flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0: all); masked LM: also "
                        "print the k most likely tokens of each mask", flag_values=v)
   flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of probability p (1: all)", flag_values=v)
   flags.DEFINE_integer("seed", 0, "random seed", flag_values=v)
   flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=v)
+  flags.DEFINE_integer("beams", 1, "encoder-decoder: beam search with this many beams (1: none)", flag_values=v)
+  flags.DEFINE_float("alpha", 0.6, "encoder-decoder: beam search's length penalty (t5x's alpha)", flag_values=v)
 
 
 def _define_eval(v: flags.FlagValues) -> None:
@@ -213,6 +215,8 @@ def _define_eval(v: flags.FlagValues) -> None:
                       flag_values=v)
   flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=v)
   flags.DEFINE_bool("json", False, "print one JSON object", flag_values=v)
+  flags.DEFINE_integer("max_examples", 100, "seq2seq: validation pairs decoded for exact match (0: all)",
+                       flag_values=v)
 
 
 def _start_jax_for(workdir: str) -> None:
@@ -244,24 +248,46 @@ def sample(argv: list[str]) -> None:
 
   run = load(v.workdir, v.step)
   prompt = run.config.train.sample_prompt if v.prompt is None else v.prompt
-  if run.objective.prompt_kind == "fill":
-    _fill(run, v, prompt)
-  else:
-    _continue(run, v, prompt)
+  kind = run.objective.prompt_kind
+  if kind != "translate":
+    _refuse(run, v, ("beams", "alpha"), "they apply to encoder-decoder runs", "drop them")
+  {"fill": _fill, "continue": _continue, "translate": _translate}[kind](run, v, prompt)
 
 
 _FILL_FLAGS = ("num_samples", "max_new_tokens", "temperature", "top_p", "seed")  # (decoding only)
+
+
+def _refuse(run, v: flags.FlagValues, names, why: str, fix: str) -> None:
+  """One error line for flags given that do not apply to this run."""
+  given = [f"--{name}" for name in names if v[name].present]
+  if given:
+    raise UserError(f"{', '.join(given)} do{'es' * (len(given) == 1)} not apply to {run.workdir} (objective "
+                    f"{run.objective.name}): {why}", fix)
+
+
+def _translate(run, v: flags.FlagValues, prompt: str) -> None:
+  """`jaxlm sample` of an encoder-decoder run: the decoded target of the prompt (greedy by default)."""
+  import jax
+
+  if v.beams > 1:
+    _refuse(run, v, ("temperature", "top_k", "top_p", "num_samples"), f"beam search (--beams={v.beams}) is "
+            "deterministic and gives one target", "drop them, or sample with --beams=1")
+  temperature = v.temperature if v["temperature"].present else 0.0
+  for i in range(v.num_samples):
+    target = run.translate(prompt, max_new_tokens=v.max_new_tokens or None, temperature=temperature,
+                           top_k=v.top_k, top_p=v.top_p, seed=v.seed, beams=v.beams, alpha=v.alpha, sample_id=i)
+    if jax.process_index() == 0:
+      if v.num_samples > 1:
+        print(f"--- sample {i + 1} of {v.num_samples} ---")
+      print(target, flush=True)
 
 
 def _fill(run, v: flags.FlagValues, prompt: str) -> None:
   """`jaxlm sample` of a masked-LM run: the prompt with its masks filled, and each mask's top-k."""
   import jax
 
-  given = [f"--{name}" for name in _FILL_FLAGS if v[name].present]
-  if given:
-    raise UserError(f"{', '.join(given)} do{'es' * (len(given) == 1)} not apply to {run.workdir}, a masked-LM "
-                    f"run (objective {run.objective.name}): it fills masks in one pass, it does not decode",
-                    "drop them; --prompt, --top_k and --step apply")
+  _refuse(run, v, _FILL_FLAGS, "a masked-LM run fills masks in one pass, it does not decode",
+          "drop them; --prompt, --top_k and --step apply")
   filled = run.fill(prompt, top_k=v.top_k)
   if jax.process_index() == 0:
     print(filled.text)
@@ -309,13 +335,15 @@ def evaluate(argv: list[str]) -> None:
   from jaxlm.api import load
 
   run = load(v.workdir, v.step)
-  result = run.evaluate(v.data)
+  result = run.evaluate(v.data, max_examples=v.max_examples)
   if jax.process_index() != 0:
     return
   if v.json:
     print(json.dumps(result))
   else:
     accuracy = f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+    if "exact_match" in result:
+      accuracy += f", exact match {result['exact_match']:.4f} of {result['examples']:,} pairs (greedy)"
     print(f"{result['data']} at step {result['step']}, {result['counted']} ({result['tokens']:,}): loss "
           f"{result['loss']:.4f}, perplexity {result['perplexity']:.3f}, bits per byte "
           f"{result['bits_per_byte']:.4f}{accuracy} (training's val_loss is an estimate of this from "

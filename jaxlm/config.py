@@ -67,7 +67,8 @@ ANY = None  # any value of the key's type
 # (key, default, domain: a Range, a tuple of choices or ANY, description). The one list of config keys.
 SCHEMA = (
     ("objective", "clm", OBJECTIVES, "what the model learns: clm (causal LM, a decoder; with a pairs store, "
-     "SFT) | mlm (masked LM, a bidirectional encoder)"),
+     "SFT) | mlm (masked LM, a bidirectional encoder) | span (T5 span corruption, an encoder-decoder) | "
+     "seq2seq (input -> target pairs, an encoder-decoder)"),
     ("seed", 0, NON_NEGATIVE, "seeds the parameters, the data order, dropout and masks"),
     ("init_from", "", ANY, "a workdir or WORKDIR/STEP whose parameters a fresh run starts from "
      "(fine-tuning); a resume wins"),
@@ -79,6 +80,10 @@ SCHEMA = (
     ("data.fairytale_bytes", 4_000_000, POSITIVE, "size of the built-in corpus"),
     ("data.batch_size", 12, POSITIVE, "sequences per step, over all devices and processes"),
     ("data.seq_len", 64, POSITIVE, "tokens per training sequence"),
+    ("data.target_len", 0, NON_NEGATIVE, "encoder-decoder: decoder positions per row; 0: what span "
+     "corruption of data.seq_len needs (span) or data.seq_len (seq2seq)"),
+    ("data.noise_density", 0.15, FRACTION, "span: share of the raw tokens hidden in noise spans"),
+    ("data.mean_noise_span_length", 3.0, Range(1), "span: mean length of a noise span"),
     ("data.val_fraction", 0.1, FRACTION, "validation = the last fraction of a text file"),
     ("model.num_layers", 4, POSITIVE, "transformer blocks"),
     ("model.num_heads", 4, POSITIVE, "attention heads"),

@@ -73,7 +73,20 @@ def stream_rows(tokens: np.ndarray, seq_len: int, batch_size: int, process_index
     yield {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
 
 
-def stream_evaluator(eval_step, objective, tokenizer, seed: int, sharding, batch_size: int) -> Evaluator:
+def example_rows(packer, tokens: np.ndarray, weights: np.ndarray, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """This process's rows of batches holding every example of a split once (a packer of whole examples,
+  unshuffled: data/pairs.py); the last batch is padded with empty rows (segment 0, nothing counts)."""
+  rows = batch_size // process_count
+  for first in range(0, packer.rows_per_epoch, batch_size):
+    batch = packer.rows_from_array(range(first, min(first + batch_size, packer.rows_per_epoch)), tokens, weights)
+    batch = {k: np.concatenate([v, np.zeros((batch_size - len(v),) + v.shape[1:], v.dtype)])
+             for k, v in batch.items()}
+    yield {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
+
+
+def stream_evaluator(eval_step, objective, tokenizer, seed: int, sharding, batch_size: int,
+                     data=None) -> Evaluator:
   """The Evaluator of `jaxlm eval`: the objective's batches of the EVAL stream (fixed masks per seed)."""
   first = first_row(batch_size, jax.process_index(), jax.process_count())
-  return Evaluator(eval_step, objective.transform(tokenizer, seed, EVAL_STREAM), sharding, first)
+  return Evaluator(eval_step, objective.transform(tokenizer, seed, EVAL_STREAM, data), sharding, first)

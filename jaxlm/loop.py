@@ -43,6 +43,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
   """
   config, notes = resolved(config)
   shape = validate(config, jax.device_count())
+  objective = objectives.get(config.objective)
+  objective.check_config(config)
   progress = Progress(config.train.steps, enabled=jax.process_index() == 0 and not quiet)
   for note in notes:
     progress.message(f"note: {note}")
@@ -51,7 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
       hold.lock()  # before reading what is there: another run may be writing it
     _check_start(config, workdir, progress)
     corpus = load_data(config.data)
-    objectives.get(config.objective).check_data(corpus)
+    objective.check_data(corpus.pairs, corpus.source)
     model_config, token_bytes = model_for(config, corpus.tokenizer, tensor=shape[2])
     hold.lock()  # (a new workdir is created only now, after the data and config checks)
     mesh, rules = make_mesh(shape), tuple(config.mesh.rules)
@@ -83,11 +85,13 @@ def _check_family(config, source: str) -> None:
 
 
 def model_for(config, tokenizer, tensor: int = 1) -> tuple[ModelConfig, np.ndarray]:
-  """The model's config for this tokenizer, and the bytes of text per token id (for bits per byte)."""
-  model_config = ModelConfig.from_config(config.model, padded_vocab_size(tokenizer.vocab_size))
-  if model_config.vocab_size < tokenizer.vocab_size:
-    raise UserError(f"model.vocab_size {model_config.vocab_size} is smaller than the tokenizer's "
-                    f"{tokenizer.vocab_size}", "set --config.model.vocab_size=0 to follow the tokenizer")
+  """The model's config for this tokenizer (and the ids the objective adds, e.g. sentinels), and the bytes
+  of text per token id (for bits per byte)."""
+  ids = tokenizer.vocab_size + objectives.get(config.objective).extra_ids(config.data)
+  model_config = ModelConfig.from_config(config.model, padded_vocab_size(ids))
+  if model_config.vocab_size < ids:
+    raise UserError(f"model.vocab_size {model_config.vocab_size} is smaller than the {ids} ids of the "
+                    "tokenizer and the objective", "set --config.model.vocab_size=0 to follow the tokenizer")
   if model_config.vocab_size % tensor:
     raise UserError(f"the vocabulary of {model_config.vocab_size} is not divisible by mesh.tensor {tensor}",
                     "choose a tensor-parallel size that divides it, or set model.vocab_size")
@@ -123,6 +127,15 @@ class StepTimer:
     return statistics.median(self.seconds[-last:] if last else self.seconds) if self.seconds else math.nan
 
 
+def _truncated(packer) -> str:
+  """The start-up line's count of examples cut to fit their rows (packed pairs)."""
+  if packer is None:
+    return ""
+  cut = [f"{n:,} {side}" for n, side in ((packer.truncated_inputs, "inputs"), (packer.truncated_targets,
+                                                                                 "targets")) if n]
+  return f"; {' and '.join(cut)} truncated to fit" if cut else "; none truncated"
+
+
 VAL_NAMES = {"perplexity": "ppl", "bits_per_byte": "bpb"}  # evaluation results -> metrics.jsonl keys
 
 
@@ -156,13 +169,16 @@ class Trainer:
     self.timer, self.last = StepTimer(), {}
     c = config.train
     self.policy = Policy(c.steps, c.log_every, c.eval_every, c.checkpoint_every)
-    self.batch_kwargs = dict(seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+    self.objective = objectives.get(config.objective)
+    self.batch_kwargs = dict(seq_len=self.objective.row_len(config.data), batch_size=config.data.batch_size,
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count())
     self.setup, self.init, self.shardings = plan_train_state(config, model_config, token_bytes, mesh)
-    self.objective = self.setup.objective
-    to_batch = self.objective.transform(corpus.tokenizer, config.seed, TRAIN_STREAM)
-    self.data = corpus.train_batches(workers=config.data.loader_workers, transform=to_batch, **self.batch_kwargs)
+    to_batch = self.objective.transform(corpus.tokenizer, config.seed, TRAIN_STREAM, config.data)
+    self.packer = (self.objective.example_packer(*corpus.train_examples(), config.data, config.seed, TRAIN_STREAM)
+                   if corpus.pairs is not None else None)
+    self.data = corpus.train_batches(workers=config.data.loader_workers, transform=to_batch, packer=self.packer,
+                                     **self.batch_kwargs)
     self.checkpoints = Checkpoints(workdir, c.keep_checkpoints, c.keep_best)
     self.sharding = batch_sharding(mesh, tuple(config.mesh.rules))
 
@@ -186,9 +202,12 @@ class Trainer:
   def validation(self) -> tuple[Evaluator, list]:
     """The evaluator of the loop (the objective's VAL stream) and its fixed validation rows."""
     kw = self.batch_kwargs
-    to_batch = self.objective.transform(self.corpus.tokenizer, kw["seed"], VAL_STREAM)
+    corpus, data = self.corpus, self.config.data
+    to_batch = self.objective.transform(corpus.tokenizer, kw["seed"], VAL_STREAM, data)
     first = first_row(kw["batch_size"], kw["process_index"], kw["process_count"])
-    rows = self.corpus.eval_batches(num_batches=self.config.train.eval_batches, **kw)
+    packer = (self.objective.example_packer(corpus.val_offsets, corpus.val_weights, data, kw["seed"], VAL_STREAM)
+              if corpus.pairs is not None else None)
+    rows = corpus.eval_batches(num_batches=self.config.train.eval_batches, packer=packer, **kw)
     return Evaluator(self.eval_step, to_batch, self.sharding, first), rows
 
   def restore_or_init(self):
@@ -215,7 +234,9 @@ class Trainer:
         f.write(to_json(self.config))
       save_tokenizer(self.corpus.tokenizer, os.path.join(self.workdir, "tokenizer.json"))
     shape, objective = self.mesh.shape, self.setup.objective
-    sft = f" (loss on the {self.corpus.pairs[1]} tokens)" if self.corpus.pairs else ""
+    about = objective.summary(self.config.data) + _truncated(self.packer)
+    sft = (f" (loss on the {self.corpus.pairs[1]} tokens)" if self.corpus.pairs and self.packer is None
+           else f" ({about})" if about else "")
     self.progress.message(
         f"{self.corpus.source}: {self.corpus.train_count:,} training / {len(self.corpus.val_tokens):,} "
         f"validation tokens; objective {objective.name}{sft}: {objective.family} of "

@@ -1,6 +1,8 @@
 """What a run shows at the end of training, per its objective: a continuation of the sample prompt (a
-decoder), or the masks of a prompt filled (an encoder)."""
+decoder), the masks of a prompt filled (an encoder), or a validation input's target decoded next to the
+true one (an encoder-decoder)."""
 
+import numpy as np
 
 from jaxlm import generate
 from jaxlm.objectives import clm, mlm
@@ -10,6 +12,8 @@ from jaxlm.parallel import Inference
 def end_sample(config, corpus, setup, params, model_config, mesh) -> str:
   """The sample printed when training ends (train.sample_tokens: how long)."""
   rules = tuple(config.mesh.rules)
+  if setup.objective.prompt_kind == "translate":
+    return _translation(config, corpus, setup, params, model_config, mesh)
   if setup.objective.prompt_kind == "fill":
     prompt = config.train.sample_prompt
     if mlm.MASK_TEXT not in prompt:
@@ -38,3 +42,32 @@ def _continuation(config, tokenizer, setup, params, model_config, mesh, rules) -
   return text
 
 
+
+
+def _translation(config, corpus, setup, params, model_config, mesh) -> str:
+  """A validation input (span: a corrupted stretch of text, or the sample prompt if it has sentinels;
+  seq2seq: the first pair), its greedy decoding and the true target."""
+  from jaxlm.data.pairs import split_example
+  from jaxlm.objectives import span
+  from jaxlm.objectives.base import VAL_STREAM
+  from jaxlm.translate import translator_for
+
+  objective, tok, data = setup.objective, corpus.tokenizer, config.data
+  sentinels = objective.extra_ids(data)
+  if corpus.pairs is not None:
+    end = corpus.val_offsets[1]
+    inputs, truth = split_example(corpus.val_tokens[:end], corpus.val_weights[:end], tok.EOS)
+    inputs = inputs[:data.seq_len]
+  elif "<extra_id_" in config.train.sample_prompt:
+    inputs = np.append(span.encode_prompt(tok, config.train.sample_prompt, sentinels), np.int32(tok.EOS))
+    truth = None
+  else:
+    raw = np.asarray(corpus.val_tokens[:objective.row_len(data) + 1], np.int32)[None]
+    batch = objective.transform(tok, config.seed, VAL_STREAM, data)({"tokens": raw}, 0, 0)
+    inputs, truth = batch["inputs"][0], batch["targets"][0]
+  translator = translator_for(objective, config, tok, setup.graphdef, params, model_config, mesh)
+  new = objective.decoder_len(data)
+  out = translator.translate([inputs], max_new_tokens=new, sampling=generate.Sampling(temperature=0.0))[0][0]
+  text = lambda ids: span.decode_text(tok, np.asarray(ids)[np.asarray(ids) != tok.EOS], sentinels)
+  shown = f"{text(inputs)}\n-> {text(out)}"
+  return shown + (f"\n(true target: {text(truth)})" if truth is not None else "")

@@ -68,21 +68,32 @@ class Corpus:
   pairs: tuple[str, str] | None = None  # a pairs store's fields: per-token loss weights (SFT)
   val_weights: np.ndarray | None = None  # the validation split's loss weights (a pairs store)
 
-  def train_batches(self, *, workers: int = 0, transform=None, **batch_kwargs):
+  def train_batches(self, *, workers: int = 0, transform=None, packer=None, **batch_kwargs):
     """This process's training batches (a checkpointable iterator) from step 0: rows, or
-    `transform(rows, step, first_row)` of them (an objective's batches)."""
+    `transform(rows, step, first_row)` of them (an objective's batches). `packer`: an objective's own
+    packing of the store's documents (seq2seq examples) instead of data.sequences'."""
     if self.store is not None:
       from jaxlm.data.pipeline import StoreBatches
 
-      packer = (Packer(self.train_offsets, batch_kwargs["seq_len"], batch_kwargs["seed"], self.tokenizer.EOS)
-                if self.packed else None)
+      if packer is None and self.packed:
+        packer = Packer(self.train_offsets, batch_kwargs["seq_len"], batch_kwargs["seed"], self.tokenizer.EOS)
       return StoreBatches(self.store, self.train_count, workers=workers, packer=packer, transform=transform,
                           weights=self.pairs is not None, **batch_kwargs)
     return TrainBatches(self.train_tokens, transform=transform, **batch_kwargs)
 
+  def train_examples(self) -> tuple[np.ndarray, np.ndarray]:
+    """The training split's document offsets and loss weights (a pairs store), for packing examples."""
+    store = TokenStore(self.store)
+    return store.offsets("train"), store.read_weights("train")
+
   def eval_batches(self, *, num_batches: int, seq_len: int, batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
-    """A fixed set of validation rows (this process's part of each batch), the same at every evaluation."""
+                   process_index: int = 0, process_count: int = 1, packer=None) -> list[dict[str, np.ndarray]]:
+    """A fixed set of validation rows (this process's part of each batch), the same at every evaluation.
+    `packer`: an objective's own packer of the validation split's documents."""
+    if packer is not None:
+      return [_process_rows(packer.rows_from_array(range(i * batch_size, (i + 1) * batch_size), self.val_tokens,
+                                                   self.val_weights), process_index, process_count)
+              for i in range(num_batches)]
     if not self.packed:
       return eval_batches(self.val_tokens, num_batches=num_batches, seq_len=seq_len, batch_size=batch_size,
                           seed=seed, process_index=process_index, process_count=process_count,
@@ -161,7 +172,7 @@ def _window_starts(num_tokens: int, seq_len: int, batch_size: int, seed: int, st
 
 
 def _process_rows(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict:
-  rows = len(batch["tokens"]) // process_count
+  rows = len(next(iter(batch.values()))) // process_count
   return {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
 
 

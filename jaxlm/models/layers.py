@@ -116,7 +116,6 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg, init_std: float, out_std: float, rngs: nnx.Rngs):
     d, h = cfg.width, cfg.num_heads
-    self.num_heads, self.head_dim = h, d // h
     self.dtype, self.position, self.rope_base = cfg.dtype, cfg.position, cfg.rope_base
     self.qkv = param(rngs.params(), (d, 3, h, d // h), init_std, ("embed", None, "heads", "kv"))
     self.out = param(rngs.params(), (h, d // h, d), out_std, ("heads", "kv", "embed"))
@@ -146,13 +145,61 @@ class Attention(nnx.Module):
       k_BxHxSxK, v_BxHxSxK = cache
     else:
       k_BxHxSxK, v_BxHxSxK = k_BxHxTxK, v_BxHxTxK
-    q_BxHxTxK = q_BxHxTxK / math.sqrt(self.head_dim)
-    scores_BxHxTxS = matmul("bhqk,bhsk->bhqs", q_BxHxTxK, k_BxHxSxK, self.dtype)
-    scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, jnp.finfo(F32).min)
-    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
-    y_BxHxTxK = matmul("bhqs,bhsk->bhqk", probs_BxHxTxS, v_BxHxSxK, self.dtype)
-    y_BxTxD = matmul("bhtk,hkd->btd", y_BxHxTxK, self.out[...], self.dtype)
-    return (y_BxTxD + self.out_bias[...] if self.out_bias is not None else y_BxTxD), cache
+    y_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xTxS, self.dtype)
+    return _project_out(y_BxHxTxK, self.out, self.out_bias, self.dtype), cache
+
+
+def attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xTxS, dtype: str) -> jax.Array:
+  """Scaled dot-product attention of T queries over S keys where the mask allows; softmax in float32.
+
+  A query whose keys are all masked (padding) gets the mean of the values, never NaN.
+  """
+  q_BxHxTxK = q_BxHxTxK / math.sqrt(q_BxHxTxK.shape[-1])
+  scores_BxHxTxS = matmul("bhqk,bhsk->bhqs", q_BxHxTxK, k_BxHxSxK, dtype)
+  scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, jnp.finfo(F32).min)
+  probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+  return matmul("bhqs,bhsk->bhqk", probs_BxHxTxS, v_BxHxSxK, dtype)
+
+
+def _project_out(y_BxHxTxK, out: nnx.Param, out_bias: nnx.Param | None, dtype: str) -> jax.Array:
+  y_BxTxD = matmul("bhtk,hkd->btd", y_BxHxTxK, out[...], dtype)
+  return y_BxTxD + out_bias[...] if out_bias is not None else y_BxTxD
+
+
+class CrossAttention(nnx.Module):
+  """Attention of the decoder's positions over the encoder's outputs (encoder-decoder models).
+
+  No rotary positions: a query and a key are positions of two different sequences, so their distance
+  means nothing (T5's cross-attention has no position bias either); order reaches it through the
+  encoder's and decoder's own self-attention. The keys and values depend on the encoder's output only,
+  so decoding computes them once per input (`keys_values`) and reuses them at every new token.
+  """
+
+  def __init__(self, cfg, init_std: float, out_std: float, rngs: nnx.Rngs):
+    d, h = cfg.width, cfg.num_heads
+    self.dtype = cfg.dtype
+    self.q = param(rngs.params(), (d, h, d // h), init_std, ("embed", "heads", "kv"))
+    self.kv = param(rngs.params(), (d, 2, h, d // h), init_std, ("embed", None, "heads", "kv"))
+    self.out = param(rngs.params(), (h, d // h, d), out_std, ("heads", "kv", "embed"))
+    self.q_bias = param(None, (h, d // h), 0, ("heads", "kv")) if cfg.use_bias else None
+    self.kv_bias = param(None, (2, h, d // h), 0, (None, "heads", "kv")) if cfg.use_bias else None
+    self.out_bias = param(None, (d,), 0, ("embed",)) if cfg.use_bias else None
+
+  def keys_values(self, enc_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The encoder output's keys and values, each (B, H, S, K)."""
+    kv_2xBxHxSxK = matmul("bsd,dchk->cbhsk", enc_BxSxD, self.kv[...], self.dtype)
+    if self.kv_bias is not None:
+      kv_2xBxHxSxK = kv_2xBxHxSxK + self.kv_bias[...][:, None, :, None, :]
+    kv_2xBxHxSxK = constrain(kv_2xBxHxSxK, (None, "batch", "heads", "seq", None))
+    return kv_2xBxHxSxK[0], kv_2xBxHxSxK[1]
+
+  def __call__(self, x_BxTxD: jax.Array, kv: tuple[jax.Array, jax.Array], mask_Bx1xTxS: jax.Array):
+    q_BxHxTxK = matmul("btd,dhk->bhtk", x_BxTxD, self.q[...], self.dtype)
+    if self.q_bias is not None:
+      q_BxHxTxK = q_BxHxTxK + self.q_bias[...][None, :, None, :]
+    q_BxHxTxK = constrain(q_BxHxTxK, ("batch", "heads", "seq", None))
+    y_BxHxTxK = attend(q_BxHxTxK, kv[0], kv[1], mask_Bx1xTxS, self.dtype)
+    return _project_out(y_BxHxTxK, self.out, self.out_bias, self.dtype)
 
 
 def _write_rows(cache_BxHxSxK: jax.Array, new_BxHxTxK: jax.Array, starts_B: jax.Array) -> jax.Array:
@@ -187,21 +234,31 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then (with `cross`, in an encoder-decoder's decoder)
+  x + cross_attn(norm(x), encoder output), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg, init_std: float, out_std: float, rngs: nnx.Rngs):
+  def __init__(self, cfg, init_std: float, out_std: float, rngs: nnx.Rngs, cross: bool = False):
     self.dropout_rate = cfg.dropout
     self.attn_norm = Norm(cfg.width, cfg.norm)
     self.attn = Attention(cfg, init_std, out_std, rngs)
+    if cross:
+      self.cross_norm = Norm(cfg.width, cfg.norm)
+      self.cross_attn = CrossAttention(cfg, init_std, out_std, rngs)
     self.mlp_norm = Norm(cfg.width, cfg.norm)
     self.mlp = MLP(cfg, init_std, out_std, rngs)
 
   def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None, mask_Bx1xTxS: jax.Array,
-               positions_BxT: jax.Array, cache=None):
-    """-> (output, updated KV cache or None)."""
+               positions_BxT: jax.Array, cache=None, cross=None):
+    """-> (output, updated KV cache or None). `cross`: (encoder keys and values, cross mask)."""
     keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
     attn_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), mask_Bx1xTxS, positions_BxT, cache)
     x_BxTxD = x_BxTxD + dropout(attn_BxTxD, self.dropout_rate, keys[0])
     x_BxTxD = constrain(x_BxTxD, ("batch", "seq", "act_embed"))
+    if cross is not None:
+      kv, cross_mask_Bx1xTxS = cross
+      cross_key = jax.random.fold_in(dropout_key, 2) if dropout_key is not None else None
+      cross_BxTxD = self.cross_attn(self.cross_norm(x_BxTxD), kv, cross_mask_Bx1xTxS)
+      x_BxTxD = constrain(x_BxTxD + dropout(cross_BxTxD, self.dropout_rate, cross_key),
+                          ("batch", "seq", "act_embed"))
     x_BxTxD = x_BxTxD + dropout(self.mlp(self.mlp_norm(x_BxTxD)), self.dropout_rate, keys[1])
     return constrain(x_BxTxD, ("batch", "seq", "act_embed")), cache

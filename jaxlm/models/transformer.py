@@ -66,22 +66,47 @@ class Trunk(nnx.Module):
   def forward(self, tokens_BxT: jax.Array, mask_Bx1xTxS: jax.Array, positions_BxT: jax.Array,
               dropout_key: jax.Array | None, caches: list | None = None):
     """(logits (float32, B x T x V), the blocks' updated KV caches or None)."""
-    x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
-    if self.pos_embed is not None:
-      x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], positions_BxT, axis=0)
-    keys = (jax.random.split(dropout_key, self.cfg.num_layers + 1) if dropout_key is not None
-            else [None] * (self.cfg.num_layers + 1))
-    x_BxTxD = constrain(dropout(x_BxTxD, self.cfg.dropout, keys[-1]), ("batch", "seq", "act_embed"))
-    new_caches = []
-    for block, key, cache in zip(self.blocks, keys[:-1], caches or [None] * self.cfg.num_layers):
-      x_BxTxD, cache = block(x_BxTxD, key, mask_Bx1xTxS, positions_BxT, cache)
-      new_caches.append(cache)
-    x_BxTxD = self.final_norm(x_BxTxD)
-    if self.lm_head is None:
-      logits_BxTxV = matmul("btd,vd->btv", x_BxTxD, self.embed[...], self.cfg.dtype)
-    else:
-      logits_BxTxV = matmul("btd,dv->btv", x_BxTxD, self.lm_head[...], self.cfg.dtype)
-    return constrain(logits_BxTxV, ("batch", "seq", "vocab")), (new_caches if caches is not None else None)
+    keys = layer_keys(dropout_key, self.cfg.num_layers + 1)
+    x_BxTxD = embed_tokens(self.embed, tokens_BxT, self.cfg, keys[-1], self.pos_embed, positions_BxT)
+    x_BxTxD, new_caches = run_blocks(self.blocks, x_BxTxD, keys[:-1], mask_Bx1xTxS, positions_BxT, caches)
+    logits_BxTxV = output_logits(self.final_norm(x_BxTxD), self.embed, self.lm_head, self.cfg.dtype)
+    return logits_BxTxV, (new_caches if caches is not None else None)
+
+
+def layer_keys(dropout_key: jax.Array | None, n: int) -> list:
+  """n dropout keys (one per layer, and for the embeddings), or n Nones without dropout."""
+  return list(jax.random.split(dropout_key, n)) if dropout_key is not None else [None] * n
+
+
+def embed_tokens(embed: nnx.Param, tokens_BxT: jax.Array, cfg: ModelConfig, dropout_key,
+                 pos_embed: nnx.Param | None = None, positions_BxT: jax.Array | None = None) -> jax.Array:
+  """Token embeddings (plus learned position embeddings), with dropout."""
+  x_BxTxD = jnp.take(embed[...], tokens_BxT, axis=0)
+  if pos_embed is not None:
+    x_BxTxD = x_BxTxD + jnp.take(pos_embed[...], positions_BxT, axis=0)
+  return constrain(dropout(x_BxTxD, cfg.dropout, dropout_key), ("batch", "seq", "act_embed"))
+
+
+def run_blocks(blocks, x_BxTxD: jax.Array, keys: list, mask_Bx1xTxS: jax.Array, positions_BxT: jax.Array,
+               caches: list | None = None, cross: list | None = None) -> tuple[jax.Array, list]:
+  """The stack of blocks in order; returns the output and each block's updated KV cache (or None).
+  `cross`: per block, (encoder keys and values, cross mask) for an encoder-decoder's decoder."""
+  new_caches = []
+  for i, block in enumerate(blocks):
+    x_BxTxD, cache = block(x_BxTxD, keys[i], mask_Bx1xTxS, positions_BxT, caches[i] if caches else None,
+                           cross[i] if cross else None)
+    new_caches.append(cache)
+  return x_BxTxD, new_caches
+
+
+def output_logits(x_BxTxD: jax.Array, embed: nnx.Param, lm_head: nnx.Param | None, dtype: str) -> jax.Array:
+  """Logits over the vocabulary from the (normed) last hidden states: tied to the input embedding, or
+  through an untied output layer."""
+  if lm_head is None:
+    logits_BxTxV = matmul("btd,vd->btv", x_BxTxD, embed[...], dtype)
+  else:
+    logits_BxTxV = matmul("btd,dv->btv", x_BxTxD, lm_head[...], dtype)
+  return constrain(logits_BxTxV, ("batch", "seq", "vocab"))
 
 
 def default_positions(t: int) -> jax.Array:

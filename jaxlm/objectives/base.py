@@ -79,17 +79,38 @@ class Objective:
   """The parts every objective module defines (see objectives/__init__.py)."""
 
   name: str
-  family: str  # the model family: decoder | encoder
-  prompt_kind: str  # what `jaxlm sample` does: continue | fill
+  family: str  # the model family: decoder | encoder | encoder-decoder
+  prompt_kind: str  # what `jaxlm sample` does: continue | fill | translate
 
   def model(self, model_config, rngs):
     raise NotImplementedError
 
-  def transform(self, tokenizer, seed: int, stream: int):
+  def transform(self, tokenizer, seed: int, stream: int, data=None):
     raise NotImplementedError
 
   def loss_sums(self, model, batch: dict, token_bytes_V: jax.Array, dropout_key) -> dict:
     raise NotImplementedError
 
-  def check_data(self, corpus) -> None:
-    """Refuses (UserError) data this objective cannot train on."""
+  def check_data(self, pairs, source: str) -> None:
+    """Refuses (UserError) data this objective cannot train on or evaluate: `pairs` are a pairs store's
+    fields (None for plain text), `source` names the data."""
+
+  def check_config(self, config) -> None:
+    """Refuses (UserError) settings this objective cannot train with (after config.validate)."""
+
+  def row_len(self, data) -> int:
+    """Tokens per row (after the context token) that the data paths cut for this objective."""
+    return data.seq_len
+
+  def extra_ids(self, data) -> int:
+    """Ids this objective adds above the tokenizer's vocabulary (e.g. sentinels)."""
+    return 0
+
+  def example_packer(self, offsets, weights, data, seed: int, stream: int, shuffle: bool = True):
+    """A packer of whole examples for this objective's rows (seq2seq), or None: the data paths' own
+    windows or packed documents (data.sequences)."""
+    return None
+
+  def summary(self, data) -> str:
+    """What the start-up line says about this objective's rows ('' when nothing)."""
+    return ""

@@ -32,7 +32,7 @@ class CausalLM(Objective):
 
     return GPT(model_config, rngs=rngs)
 
-  def transform(self, tokenizer, seed: int, stream: int):
+  def transform(self, tokenizer, seed: int, stream: int, data=None):
     return _shift  # no randomness: the same for every stream and seed
 
   def loss_sums(self, model, batch, token_bytes_V, dropout_key):

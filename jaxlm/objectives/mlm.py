@@ -64,16 +64,16 @@ class MaskedLM(Objective):
 
     return Encoder(model_config, rngs=rngs)
 
-  def transform(self, tokenizer, seed: int, stream: int):
+  def transform(self, tokenizer, seed: int, stream: int, data=None):
     return Masker(tokenizer, seed, stream)
 
   def loss_sums(self, model, batch, token_bytes_V, dropout_key):
     logits_BxTxV = model(batch["inputs"], dropout_key, **model_inputs(batch))
     return cross_entropy_sums(logits_BxTxV, batch["targets"], batch["weights"], token_bytes_V, accuracy=True)
 
-  def check_data(self, corpus) -> None:
-    if corpus.pairs is not None:
-      raise UserError(f"{corpus.source} is a pairs store ({','.join(corpus.pairs)}), made for supervised "
+  def check_data(self, pairs, source: str) -> None:
+    if pairs is not None:
+      raise UserError(f"{source} is a pairs store ({','.join(pairs)}), made for supervised "
                       "fine-tuning of a decoder; masked LM trains on plain documents",
                       "train it with --config.objective=clm, or prepare the text without --pairs for mlm")
 
