@@ -1,7 +1,7 @@
 """Training throughput: step time, tokens/s, compile time, model FLOP/s over this machine's fp32 matmul
 FLOP/s (measured in the same run), and bytes per device from the compiled step's memory analysis.
 
-  python benchmarks/train_throughput.py [--steps=200] [--rows=shakespeare,default,objectives]
+  python benchmarks/train_throughput.py [--steps=200] [--rows=shakespeare,default,objectives,t5]
 
 Each row runs in its own process (the CPU device count is fixed when JAX starts); the fp32 matmul peak
 is measured before and after the rows, and the table divides by their median.
@@ -9,7 +9,8 @@ is measured before and after the rows, and the table divides by their median.
 The `objectives` rows are what a user runs: `jaxlm train` of configs/bert_tiny.py (masked LM, an encoder)
 and of configs/default.py at bert_tiny's batch (a causal LM, the decoder of the same shape), alternated
 `--repeats` times; each figure is the median over repeats of the run's own median step time and model
-FLOP/s (its last lines), and the table ends with their ratio.
+FLOP/s (its last lines), and the table ends with their ratio. The `t5` rows do the same for
+configs/t5_tiny.py (span corruption, an encoder-decoder) and a decoder of about as many parameters.
 """
 
 import argparse
@@ -129,6 +130,15 @@ OBJECTIVE_ROWS = [
 ]
 
 
+# t5_tiny (4 encoder + 4 decoder blocks: 112 d^2 of block parameters) against a decoder of about as many
+# parameters (9 blocks of 12 d^2), both at width 128, batch 16, 128 (input) positions.
+T5_ROWS = [
+    ("t5_tiny (span, encoder-decoder)", "t5_tiny", []),
+    ("default with 9 layers (clm, decoder)", "default", ["--config.model.num_layers=9"]),
+]
+COMPARISONS = {"objectives": OBJECTIVE_ROWS, "t5": T5_ROWS}
+
+
 def train_row(name: str, overrides: list[str], steps: int, workdir: str) -> dict:
   """One `jaxlm train` run: its median step time and model FLOP/s, as it reports them at the end."""
   import re
@@ -142,24 +152,25 @@ def train_row(name: str, overrides: list[str], steps: int, workdir: str) -> dict
                         f"--config.train.eval_every={steps}", f"--config.train.checkpoint_every={steps}",
                         *overrides], env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
   found = re.search(r"median step ([\d.]+) ms, ([\d,]+) tokens/s, ([\d.]+) model GFLOP/s", out)
+  params = re.search(r" of ([\d,]+) parameters;", out)
   return {"step_ms": float(found.group(1)), "tokens_per_sec": float(found.group(2).replace(",", "")),
-          "gflops": float(found.group(3))}
+          "gflops": float(found.group(3)), "params": float(params.group(1).replace(",", ""))}
 
 
-def compare_objectives(steps: int, repeats: int) -> None:
+def compare_objectives(steps: int, repeats: int, rows=OBJECTIVE_ROWS) -> None:
   import tempfile
 
-  runs = {label: [] for label, _, _ in OBJECTIVE_ROWS}
+  runs = {label: [] for label, _, _ in rows}
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(repeats):
-      for label, name, overrides in OBJECTIVE_ROWS:
+      for label, name, overrides in rows:
         runs[label].append(train_row(name, overrides, steps, os.path.join(tmp, "w")))
         print(f"  measured {label} (repeat {r + 1})", file=sys.stderr)
   med = {label: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for label, rs in runs.items()}
   print(f"`jaxlm train`, {steps} steps, median of {repeats} alternated runs:")
-  print(f"{'run':40s} {'ms/step':>8s} {'tokens/s':>9s} {'GFLOP/s':>8s}")
+  print(f"{'run':40s} {'params':>10s} {'ms/step':>8s} {'tokens/s':>9s} {'GFLOP/s':>8s}")
   for label, m in med.items():
-    print(f"{label:40s} {m['step_ms']:8.1f} {m['tokens_per_sec']:9,.0f} {m['gflops']:8.1f}")
+    print(f"{label:40s} {m['params']:10,.0f} {m['step_ms']:8.1f} {m['tokens_per_sec']:9,.0f} {m['gflops']:8.1f}")
   (a, ma), (b, mb) = med.items()
   print(f"ratio {a} / {b}: step time {ma['step_ms'] / mb['step_ms']:.3f}, "
         f"model FLOP/s {ma['gflops'] / mb['gflops']:.3f}")
@@ -169,7 +180,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--rows", default="shakespeare,default,objectives",
-                      help=f"comma-separated: {', '.join(ROWS)}, objectives")
+                      help=f"comma-separated: {', '.join(ROWS)}, {', '.join(COMPARISONS)}")
   parser.add_argument("--repeats", type=int, default=3, help="alternated runs per objectives row")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -179,9 +190,10 @@ def main() -> None:
     return
 
   groups = args.rows.split(",")
-  if "objectives" in groups:
-    compare_objectives(args.steps, args.repeats)
-    groups.remove("objectives")
+  for name, rows in COMPARISONS.items():
+    if name in groups:
+      compare_objectives(args.steps, args.repeats, rows)
+      groups.remove(name)
     if not groups:
       return
   peaks = [fp32_matmul_flops()]

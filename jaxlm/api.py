@@ -86,7 +86,7 @@ def _local_mesh(config: ml_collections.ConfigDict):
 class Run:
   """A trained model and what came with it. Attributes: workdir, step, config, objective, tokenizer,
   model_config, graphdef, params (sharded over `mesh`). A decoder run (objective clm) generates, an
-  encoder run (mlm) fills masks; both evaluate."""
+  encoder run (mlm) fills masks, an encoder-decoder run (span, seq2seq) translates; all evaluate."""
 
   def __init__(self, workdir: str, step: int | None = None):
     self.workdir = workdir

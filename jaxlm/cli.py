@@ -26,9 +26,9 @@ USAGE = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.s
   prepare   tokenize .txt / .jsonl files and folders (optionally .gz) into a token store for
             --config.data.path
   sample    generate text from a trained workdir (it streams as it is decoded); for a masked-LM
-            run, fill the <mask>s of --prompt
-  eval      loss, perplexity and bits per byte (and a masked LM's accuracy) of a workdir's model over
-            every token of a text file or store (default: the run's validation split)
+            run, fill the <mask>s of --prompt; for an encoder-decoder, print its target (--beams=N)
+  eval      loss, perplexity and bits per byte (and accuracy, and a seq2seq run's exact match) of a
+            workdir's model over a text file or store (default: the run's validation split)
 """
 
 _TRAIN_FLAGS = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.section.key=value ...]

@@ -87,11 +87,13 @@ def _check_family(config, source: str) -> None:
 def model_for(config, tokenizer, tensor: int = 1) -> tuple[ModelConfig, np.ndarray]:
   """The model's config for this tokenizer (and the ids the objective adds, e.g. sentinels), and the bytes
   of text per token id (for bits per byte)."""
-  ids = tokenizer.vocab_size + objectives.get(config.objective).extra_ids(config.data)
+  extra = objectives.get(config.objective).extra_ids(config.data)
+  ids = tokenizer.vocab_size + extra
   model_config = ModelConfig.from_config(config.model, padded_vocab_size(ids))
   if model_config.vocab_size < ids:
-    raise UserError(f"model.vocab_size {model_config.vocab_size} is smaller than the {ids} ids of the "
-                    "tokenizer and the objective", "set --config.model.vocab_size=0 to follow the tokenizer")
+    sentinels = f" and the objective's {extra} sentinels" if extra else ""
+    raise UserError(f"model.vocab_size {model_config.vocab_size} is smaller than the tokenizer's "
+                    f"{tokenizer.vocab_size}{sentinels}", "set --config.model.vocab_size=0 to follow the tokenizer")
   if model_config.vocab_size % tensor:
     raise UserError(f"the vocabulary of {model_config.vocab_size} is not divisible by mesh.tensor {tensor}",
                     "choose a tensor-parallel size that divides it, or set model.vocab_size")

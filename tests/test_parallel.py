@@ -20,19 +20,34 @@ MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 TOKENS = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16)
 
 
+def _pair_rows(config, step):
+  """Packed (input, target) rows of synthetic examples: documents of 2-9 input tokens (weight 0) and 1-6
+  target tokens ending in EOS (weight 1), as a pairs store holds them."""
+  rng = np.random.default_rng(1)
+  lengths = [(rng.integers(2, 10), rng.integers(1, 7)) for _ in range(200)]
+  weights = np.concatenate([np.repeat(np.array([0, 1], np.uint8), [a, b]) for a, b in lengths])
+  tokens = rng.integers(0, 256, len(weights)).astype(np.int32)
+  offsets = np.concatenate([[0], np.cumsum([a + b for a, b in lengths])])
+  packer = objectives.get("seq2seq").example_packer(offsets, weights, config.data, 0, TRAIN_STREAM)
+  b = config.data.batch_size
+  return packer.rows_from_array(range(step * b, (step + 1) * b), tokens, weights)
+
+
 def run_steps(config, shape, steps=3):
   n = int(np.prod(shape))
   mesh = make_mesh(shape, jax.devices()[:n])
-  to_batch = objectives.get(config.objective).transform(ByteTokenizer(), config.seed, TRAIN_STREAM)
+  objective = objectives.get(config.objective)
+  to_batch = objective.transform(ByteTokenizer(), config.seed, TRAIN_STREAM, config.data)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(config.mesh.rules)):
     setup, state, shardings = create_train_state(config, _model_config(config), np.ones(384), mesh)
     sharding = batch_sharding(mesh, tuple(config.mesh.rules))
     train, _ = compile_steps(setup, shardings, sharding)
     losses = []
     for step in range(steps):
-      batch = to_batch(train_batch(TOKENS, step, seq_len=config.data.seq_len,
-                                   batch_size=config.data.batch_size, seed=0), step, 0)
-      state, metrics = train(state, to_global_batch(batch, sharding))
+      rows = (_pair_rows(config, step) if config.objective == "seq2seq" else
+              train_batch(TOKENS, step, seq_len=objective.row_len(config.data), batch_size=config.data.batch_size,
+                          seed=0))
+      state, metrics = train(state, to_global_batch(to_batch(rows, step, 0), sharding))
       losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params), state
 
@@ -62,7 +77,7 @@ def reference():
   return get
 
 
-@pytest.mark.parametrize("objective", ["clm", "mlm"])
+@pytest.mark.parametrize("objective", ["clm", "mlm", "span", "seq2seq"])
 @pytest.mark.parametrize("shape", MESHES[1:])
 def test_three_steps_give_the_same_losses_and_parameters_on_every_mesh(reference, shape, objective):
   ref_losses, ref_params, _ = reference(objective)
@@ -71,7 +86,8 @@ def test_three_steps_give_the_same_losses_and_parameters_on_every_mesh(reference
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(got, want, atol=1e-6)
   # the parameters really are laid out over the mesh, not replicated
-  up = state.params["blocks"][0]["mlp"]["up"][...]
+  blocks = state.params["decoder" if objective in ("span", "seq2seq") else "blocks"]
+  up = blocks[0]["mlp"]["up"][...]
   data, fsdp, tensor = shape
   assert up.addressable_shards[0].data.shape == (64 // fsdp, 128 // tensor)
 

@@ -177,15 +177,18 @@ def test_a_second_sigint_aborts_at_once(monkeypatch, capsys):
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on exit
 
 
-def test_a_killed_masked_lm_run_restarts_bit_for_bit(tmp_path):
-  """The masks are drawn from (seed, step, row): a restart draws the ones the killed run would have."""
-  mlm = "--config.objective=mlm"
+@pytest.mark.parametrize("objective", ["mlm", "span"])
+def test_a_killed_run_of_another_objective_restarts_bit_for_bit(tmp_path, objective):
+  """Masks and noise spans are drawn from (seed, step, row): a restart draws the ones the killed run
+  would have (a masked LM's encoder; span corruption's encoder-decoder)."""
+  flag = f"--config.objective={objective}"
   uninterrupted = tmp_path / "reference"
-  finish(uninterrupted, "1 device", mlm)
+  finish(uninterrupted, "1 device", flag)
   workdir = tmp_path / "w"
-  codes, _ = interrupt_at(workdir, "1 device", random.Random("sigkill mlm").randint(15, 95), signal.SIGKILL, mlm)
+  at = random.Random(f"sigkill {objective}").randint(15, 95)
+  codes, _ = interrupt_at(workdir, "1 device", at, signal.SIGKILL, flag)
   assert codes == [-signal.SIGKILL]
-  finish(workdir, "1 device", mlm)
+  finish(workdir, "1 device", flag)
   assert "resumed from" in output(workdir)[0]
   assert all("accuracy" in m for m in metrics(workdir) if "loss" in m)
   assert_same_run(workdir, uninterrupted)
