@@ -244,7 +244,7 @@ class Run:
       step = compile_eval(self._setup, self._shardings.params, sharding)
       self._evaluator = stream_evaluator(step, self.objective, self.tokenizer, c.seed, sharding, batch, c.data)
     packer = (self.objective.example_packer(offsets, weights, c.data, c.seed, EVAL_STREAM, shuffle=False)
-              if pairs is not None else None)
+              if self.objective.packs_examples else None)  # (check_data: a pairs store)
     where = jax.process_index(), jax.process_count()
     rows = (example_rows(packer, tokens, weights, batch, *where) if packer is not None else
             stream_rows(tokens, self.objective.row_len(c.data), batch, *where, weights, offsets_for_rows))

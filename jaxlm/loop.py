@@ -178,7 +178,7 @@ class Trainer:
     self.setup, self.init, self.shardings = plan_train_state(config, model_config, token_bytes, mesh)
     to_batch = self.objective.transform(corpus.tokenizer, config.seed, TRAIN_STREAM, config.data)
     self.packer = (self.objective.example_packer(*corpus.train_examples(), config.data, config.seed, TRAIN_STREAM)
-                   if corpus.pairs is not None else None)
+                   if self.objective.packs_examples else None)  # (check_data: a pairs store)
     self.data = corpus.train_batches(workers=config.data.loader_workers, transform=to_batch, packer=self.packer,
                                      **self.batch_kwargs)
     self.checkpoints = Checkpoints(workdir, c.keep_checkpoints, c.keep_best)
@@ -208,7 +208,7 @@ class Trainer:
     to_batch = self.objective.transform(corpus.tokenizer, kw["seed"], VAL_STREAM, data)
     first = first_row(kw["batch_size"], kw["process_index"], kw["process_count"])
     packer = (self.objective.example_packer(corpus.val_offsets, corpus.val_weights, data, kw["seed"], VAL_STREAM)
-              if corpus.pairs is not None else None)
+              if self.objective.packs_examples else None)
     rows = corpus.eval_batches(num_batches=self.config.train.eval_batches, packer=packer, **kw)
     return Evaluator(self.eval_step, to_batch, self.sharding, first), rows
 

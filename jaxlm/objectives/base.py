@@ -106,9 +106,11 @@ class Objective:
     """Ids this objective adds above the tokenizer's vocabulary (e.g. sentinels)."""
     return 0
 
+  packs_examples = False  # (a class constant: True where `example_packer` gives the rows)
+
   def example_packer(self, offsets, weights, data, seed: int, stream: int, shuffle: bool = True):
-    """A packer of whole examples for this objective's rows (seq2seq), or None: the data paths' own
-    windows or packed documents (data.sequences)."""
+    """A packer of a pairs store's whole examples for this objective's rows (seq2seq), or None: the
+    data paths' own windows or packed documents (data.sequences)."""
     return None
 
   def summary(self, data) -> str:

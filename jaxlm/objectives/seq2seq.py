@@ -89,6 +89,8 @@ class Seq2Seq(EncoderDecoderObjective):
                       "prepare them: jaxlm prepare --input=pairs.jsonl --pairs=input,target --output=DIR, and "
                       "give --config.data.path=DIR (or pre-train on text with --config.objective=span)")
 
+  packs_examples = True
+
   def example_packer(self, offsets, weights, data, seed: int, stream: int, shuffle: bool = True):
     from jaxlm.data.pairs import PairPacker, example_lengths
 
