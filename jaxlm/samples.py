@@ -42,8 +42,6 @@ def _continuation(config, tokenizer, setup, params, model_config, mesh, rules) -
   return text
 
 
-
-
 def _translation(config, corpus, setup, params, model_config, mesh) -> str:
   """A validation input (span: a corrupted stretch of text, or the sample prompt if it has sentinels;
   seq2seq: the first pair), its greedy decoding and the true target."""

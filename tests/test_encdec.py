@@ -139,3 +139,16 @@ def test_sharded_parameters_decode_the_same(model, shape):
   for a, b in zip(single, outs):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_allclose(logp, single_logp, atol=1e-4)
+
+
+def test_untied_embeddings_have_their_own_output_layer(model):
+  import dataclasses
+
+  from jaxlm.metrics import param_count
+
+  untied = EncoderDecoder(dataclasses.replace(CFG, tie_embeddings=False), rngs=nnx.Rngs(params=0))
+  assert model.lm_head is None and untied.lm_head[...].shape == (32, 128)
+  assert param_count(nnx.state(untied)) - param_count(nnx.state(model)) == 32 * 128
+  x = np.array([[5, 6, 7]], np.int32)
+  untied.lm_head[...] = jnp.zeros((32, 128))  # the logits come from the output layer, not the embedding
+  np.testing.assert_array_equal(_logits(untied, x, x), 0.0)

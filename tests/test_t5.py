@@ -149,6 +149,8 @@ def test_span_settings_that_cannot_work(tmp_path, capsys):
   _one_line(capsys, base + ["--config.model.position=learned"], "uses rotary positions")
   _one_line(capsys, base + ["--config.data.seq_len=2"], "span corruption cannot fill data.seq_len=2")
   _one_line(capsys, base + ["--config.data.target_len=40"], "more than model.max_seq_len 32")
+  _one_line(capsys, base + ["--config.train.sample_tokens=8", "--config.train.sample_prompt=a <extra_id_3>"],
+            "train.sample_prompt has <extra_id_3>, but this run's sentinels are <extra_id_0> to <extra_id_0>")
   assert not (tmp_path / "w").exists()
 
 

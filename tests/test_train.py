@@ -24,19 +24,24 @@ def one_step(config, shape=(2, 1, 1), step=0):
         config, ModelConfig.from_config(config.model, 384), np.ones(384), mesh)
     sharding = batch_sharding(mesh, tuple(config.mesh.rules))
     train, evaluate = compile_steps(setup, shardings, sharding)
-    to_batch = objectives.get(config.objective).transform(ByteTokenizer(), 0, TRAIN_STREAM)
-    batch = to_global_batch(to_batch(train_batch(TOKENS, step, seq_len=config.data.seq_len,
+    objective = objectives.get(config.objective)
+    to_batch = objective.transform(ByteTokenizer(), 0, TRAIN_STREAM, config.data)
+    batch = to_global_batch(to_batch(train_batch(TOKENS, step, seq_len=objective.row_len(config.data),
                                                  batch_size=config.data.batch_size, seed=0), step, 0), sharding)
     sums = jax.device_get(evaluate(state.params, batch))
     state, metrics = train(state, batch)
     return jax.device_get(metrics), jax.device_get(state.params), sums
 
 
-@pytest.mark.parametrize("objective", ["clm", "mlm"])
+@pytest.mark.parametrize("objective", ["clm", "mlm", "span"])
 def test_four_microbatches_of_three_give_the_same_update_as_one_batch_of_twelve(objective):
   c = tiny_config()
   c.objective = objective
   c.data.batch_size = 12
+  # Adam's eps of 1e-8 turns a ~1e-9 gradient's rounding into an lr-sized update difference (measured on
+  # span: 1 of 4096 entries of an attention output projection off by 2.1e-6); 1e-5 keeps it about the
+  # accumulation, as in test_parallel.
+  c.optim.eps = 1e-5
   whole_metrics, whole, _ = one_step(c)
   c.optim.grad_accum = 4
   accum_metrics, accumulated, _ = one_step(c)
@@ -44,7 +49,7 @@ def test_four_microbatches_of_three_give_the_same_update_as_one_batch_of_twelve(
   np.testing.assert_allclose(accum_metrics["grad_norm"], whole_metrics["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(whole)):
     np.testing.assert_allclose(a, b, atol=1e-6)
-  if objective == "mlm":  # (the masked positions are few per microbatch: counts add up, not means)
+  if objective != "clm":  # (the counted positions are few per microbatch: counts add up, not means)
     np.testing.assert_allclose(accum_metrics["accuracy"], whole_metrics["accuracy"], rtol=1e-6)
 
 

@@ -84,6 +84,10 @@ class SpanCorruption(EncoderDecoderObjective):
       raise UserError(f"data.target_len={asked} is too small for span corruption of data.seq_len="
                       f"{config.data.seq_len}: its targets are {r.targets_len} tokens",
                       f"set --config.data.target_len={r.targets_len} (the smallest that works) or 0 (computed)")
+    used = [int(j) for j in SENTINEL.findall(config.train.sample_prompt)]
+    if config.train.sample_tokens and used and max(used) >= r.num_spans:
+      raise UserError(f"train.sample_prompt has <extra_id_{max(used)}>, but this run's sentinels are "
+                      f"<extra_id_0> to <extra_id_{r.num_spans - 1}>", "number the prompt's spans from <extra_id_0>")
     super().check_config(config)
 
   def check_data(self, pairs, source: str) -> None:
