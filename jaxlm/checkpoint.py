@@ -365,10 +365,12 @@ def _read_params(directory: str, step: int, abstract_params):
   return params
 
 
-def resolve_checkpoint(path: str, quiet: bool = False) -> tuple[str, int]:
+def resolve_checkpoint(path: str, quiet: bool = False, attempts: int = 5) -> tuple[str, int]:
   """(checkpoints directory, step) for WORKDIR, WORKDIR/STEP or WORKDIR/checkpoints[/STEP].
 
   Without a step, the newest valid one; newer damaged ones are named in one warning (unless `quiet`).
+  A workdir being trained deletes old steps as it saves new ones: a step that vanishes while it is
+  checked was rotated away, not damaged, and the steps are listed again.
   """
   path = os.path.abspath(path.rstrip("/"))
   head, tail = os.path.split(path)
@@ -391,6 +393,8 @@ def resolve_checkpoint(path: str, quiet: bool = False) -> tuple[str, int]:
         warn(f"skipping damaged checkpoint step{'s' * (len(skipped) > 1)} "
              f"{', '.join(str(s) for s, _ in skipped)} ({skipped[0][1]}); using step {step}")
       return directory, step
+    if not os.path.isdir(os.path.join(directory, str(step))) and attempts > 1:
+      return resolve_checkpoint(path, quiet, attempts - 1)  # (rotated away by the run: list again)
     skipped.append((step, problem))
   raise UserError(f"no valid checkpoint in {directory}", "train first, or give another workdir")
 

@@ -367,3 +367,26 @@ def test_sample_and_eval_say_when_they_skip_a_damaged_newest_step(trained, tmp_p
   assert code == 0 and err.splitlines() == [
       f"jaxlm: warning: skipping damaged checkpoint step 6 ({MANIFEST} is missing (the save did not finish)); "
       "using step 3"]
+
+
+def test_a_step_rotated_away_while_resolving_is_listed_again(tmp_path, monkeypatch):
+  """A workdir being trained deletes its old steps as it saves new ones: `jaxlm sample` then finds the
+  new one instead of calling the workdir empty."""
+  import shutil
+
+  from jaxlm import checkpoint
+
+  directory = tmp_path / "checkpoints"
+  for step in (1, 2):
+    (directory / str(step)).mkdir(parents=True)
+
+  def problem(path):
+    step = int(os.path.basename(path))
+    if step == 3:
+      return None
+    shutil.rmtree(path)  # (the run rotates 1 and 2 away and has sealed 3 meanwhile)
+    (directory / "3").mkdir(exist_ok=True)
+    return "no manifest"
+
+  monkeypatch.setattr(checkpoint, "step_problem", problem)
+  assert checkpoint.resolve_checkpoint(str(tmp_path), quiet=True) == (str(directory), 3)

@@ -127,7 +127,7 @@ def test_sampling_is_reproducible_and_batch_independent(model):
     np.testing.assert_array_equal(alone[0], batch[i])
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)])
+@pytest.mark.parametrize("shape", [(1, 2, 4)])  # (FSDP and tensor parallel at once)
 def test_sharded_parameters_decode_the_same(model, shape):
   single, single_logp = _translator(model).translate(INPUTS, max_new_tokens=8, beams=2)
   graphdef, params = nnx.split(model)

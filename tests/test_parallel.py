@@ -77,7 +77,9 @@ def reference():
   return get
 
 
-@pytest.mark.parametrize("objective", ["clm", "mlm", "span", "seq2seq"])
+# (seq2seq stands for both encoder-decoder objectives: the same model, with packed examples' masks; span's
+# host-side corruption is mesh-independent by construction and tested in test_spans.py.)
+@pytest.mark.parametrize("objective", ["clm", "mlm", "seq2seq"])
 @pytest.mark.parametrize("shape", MESHES[1:])
 def test_three_steps_give_the_same_losses_and_parameters_on_every_mesh(reference, shape, objective):
   ref_losses, ref_params, _ = reference(objective)
