@@ -3,7 +3,7 @@
 An objective owns everything between the rows the data paths cut (raw tokens, and segment ids,
 positions and loss weights where the data has them) and the loss:
 
-  transform(tokenizer, seed, stream) -> (rows, step, first_row) -> batch   host side, deterministic
+  transform(tokenizer, seed, stream, data) -> (rows, step, first_row) -> batch   host side, deterministic
   model(model_config, rngs)          -> the model family it trains (decoder, encoder, ...)
   loss_sums(model, batch, token_bytes, dropout_key) -> sums that add up over microbatches and batches
   check_data(pairs, source)          -> refuses data it cannot train on
