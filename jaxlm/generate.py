@@ -78,13 +78,20 @@ def choose(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_k, top_p) 
   return jnp.where(temperature == 0, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
 
 
+def limit_vocab(logits_BxTxV: jax.Array, limit: int | None) -> jax.Array:
+  """Logits with ids at or above `limit` (the vocabulary's padding) never chosen."""
+  if limit is None:
+    return logits_BxTxV
+  return jnp.where(jnp.arange(logits_BxTxV.shape[-1]) < limit, logits_BxTxV, NEG)
+
+
 def positions_full(max_seq_len: int) -> str:
   """What to say when a text stopped because the model's positions ran out (not at EOS)."""
   return (f"(the text stops here: the model's {max_seq_len} positions, model.max_seq_len, are full; "
           "generating past them is not supported yet)")
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
@@ -132,8 +139,8 @@ class Generator:
     self.check(prompts, max_new_tokens)
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
-    width = min(_round_up(int(lengths.max()) + max_new_tokens, 64), self.cfg.max_seq_len)
-    padded = min(_round_up(int(lengths.max()), 16), width)
+    width = min(round_up(int(lengths.max()) + max_new_tokens, 64), self.cfg.max_seq_len)
+    padded = min(round_up(int(lengths.max()), 16), width)
     tokens = np.zeros((b, padded), np.int32)
     for row, p in enumerate(prompts):
       tokens[row, :len(p)] = p
@@ -175,9 +182,7 @@ class Generator:
 
     def logits_for(model, tokens_BxT, positions_BxT, cache):
       logits_BxTxV, cache = model(tokens_BxT, positions_BxT=positions_BxT, kv_cache=cache)
-      if limit is not None:
-        logits_BxTxV = jnp.where(jnp.arange(logits_BxTxV.shape[-1]) < limit, logits_BxTxV, NEG)
-      return logits_BxTxV, cache
+      return limit_vocab(logits_BxTxV, limit), cache
 
     def prefill(params, tokens_BxP, lengths_B, keys_B, max_new, temperature, top_k, top_p):
       model = nnx.merge(graphdef, params)

@@ -19,7 +19,7 @@ from flax import nnx
 from jaxlm.beam import beam_search
 from jaxlm.config import DEFAULT_RULES
 from jaxlm.errors import UserError
-from jaxlm.generate import NEG, Sampling, _round_up, choose
+from jaxlm.generate import Sampling, choose, limit_vocab, round_up
 from jaxlm.models.decoder import init_cache
 from jaxlm.models.encdec import cross_mask
 from jaxlm.models.transformer import ModelConfig
@@ -65,12 +65,12 @@ class Translator:
     sampling.check()
     self.check(inputs, max_new_tokens, beams)
     b, limit = len(inputs), self.cfg.max_seq_len
-    padded = min(_round_up(max(len(x) for x in inputs), 16), limit)
+    padded = min(round_up(max(len(x) for x in inputs), 16), limit)
     tokens, segments = np.zeros((b, padded), np.int32), np.zeros((b, padded), np.int32)
     for row, x in enumerate(inputs):
       tokens[row, :len(x)], segments[row, :len(x)] = x, 1
     # (Beam search compiles for its exact length; sampling for a multiple of 16, stopping at max_new_tokens.)
-    width = max_new_tokens if search else min(_round_up(max_new_tokens, 16), limit)
+    width = max_new_tokens if search else min(round_up(max_new_tokens, 16), limit)
     program = self._program(b, padded, width, beams if search else 0)
     with self.place.context():
       if search:
@@ -102,9 +102,7 @@ class Translator:
                                        kv_cache=cache)
     logits_NxV = logits_Nx1xV[:, 0]
     broken_N = ~jnp.all(jnp.isfinite(logits_NxV), axis=-1)
-    if self.vocab_limit is not None:
-      logits_NxV = jnp.where(jnp.arange(logits_NxV.shape[-1]) < self.vocab_limit, logits_NxV, NEG)
-    return logits_NxV, cache, broken_N
+    return limit_vocab(logits_NxV, self.vocab_limit), cache, broken_N
 
   def _encoded(self, model, tokens_BxS, segments_BxS):
     enc_BxSxD = model.encode(tokens_BxS, segments_BxS)
