@@ -16,7 +16,6 @@ of the pure train_step.)
 """
 
 import json
-import os
 from collections.abc import Callable
 
 import jax
@@ -24,6 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxlm import files
 from jaxlm.checkpoint import abstract_like, load_params, resolve_checkpoint
 from jaxlm.config import config_from_json, mesh_shape
 from jaxlm.configfile import load_config_file
@@ -58,15 +58,14 @@ def load(workdir: str, step: int | None = None) -> "Run":
 
 
 def _saved_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    if not os.path.isdir(workdir):
+  path = files.join(workdir, "config.json")
+  if not files.isfile(path):
+    if not files.isdir(workdir):
       raise UserError(f"workdir {workdir} does not exist", "give the --workdir of a training run")
     raise UserError(f"{workdir} has no config.json, so it is not the workdir of a jaxlm run",
                     "give the --workdir you trained with")
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(files.read_text(path))
   except ValueError as e:
     raise UserError(f"{path} is not valid JSON ({e})", "restore it, or train again in a new workdir") from None
   return config_from_json(saved, path)
@@ -91,13 +90,12 @@ class Run:
   def __init__(self, workdir: str, step: int | None = None):
     self.workdir = workdir
     self.config = _saved_config(workdir)
-    where = workdir if step is None else os.path.join(workdir, str(step))
+    where = workdir if step is None else files.join(workdir, str(step))
     resolve_checkpoint(where, quiet=True)  # (no checkpoint, or none valid: said before anything is built)
-    tok_path = os.path.join(workdir, "tokenizer.json")
-    if not os.path.isfile(tok_path):
+    tok_path = files.join(workdir, "tokenizer.json")
+    if not files.isfile(tok_path):
       raise UserError(f"{workdir} has no tokenizer.json", "train again in this workdir to write it")
-    with open(tok_path) as f:
-      self.tokenizer = load_tokenizer_json(f.read(), tok_path)
+    self.tokenizer = load_tokenizer_json(files.read_text(tok_path), tok_path)
     from jaxlm.loop import model_for
 
     self.model_config, self.token_bytes = model_for(self.config, self.tokenizer)
@@ -297,11 +295,10 @@ class Run:
 
   def metrics(self) -> list[dict]:
     """metrics.jsonl: one dict per logged step (training) or evaluation (val_*)."""
-    path = os.path.join(self.workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = files.join(self.workdir, "metrics.jsonl")
+    if not files.isfile(path):
       return []
-    with open(path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
 
   def plot(self, ax=None):
     """Training and validation loss against step, on a matplotlib Axes (a new figure by default)."""
@@ -314,7 +311,7 @@ class Run:
       points = [(m["step"], m[key]) for m in rows if key in m]
       if points:
         ax.plot(*zip(*points), style, label=label)
-    ax.set(xlabel="step", ylabel="loss (nats per token)", title=os.path.basename(self.workdir.rstrip("/")))
+    ax.set(xlabel="step", ylabel="loss (nats per token)", title=files.split(self.workdir.rstrip("/"))[1])
     ax.legend()
     return ax
 

@@ -18,7 +18,6 @@ Restoring onto abstract arrays that carry the current mesh's shardings reshards,
 one mesh or device count continues on another.
 """
 
-import glob
 import json
 import math
 import os
@@ -34,12 +33,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
-from jaxlm import storage_errors
+from jaxlm import files, storage_errors
 from jaxlm.errors import RunFailed, UserError, first_line, warn
 from jaxlm.manifest import step_problem, write_manifest
 from jaxlm.parallel import all_agree
 
 _TMP = ".orbax-checkpoint-tmp"
+COMMITTED = "commit_success.txt"  # what marks a step saved in a bucket as committed
 
 
 RETRIES = 4  # reads of a step that fail transiently (the storage did not answer) are tried this often
@@ -50,7 +50,7 @@ class Checkpoints:
   """Saves, validates and restores the train state and data iterator state of one workdir."""
 
   def __init__(self, workdir: str, keep: int, keep_best: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = files.join(files.absolute(workdir), "checkpoints")
     self._saving: int | None = None  # the step being saved (the seal callback needs it)
     self._bytes = 0  # its size
     self._thread: threading.Thread | None = None
@@ -125,8 +125,10 @@ class Checkpoints:
 
   def _seal(self) -> None:
     """Runs on process 0 after every process has written the step, before orbax commits it."""
-    folders = glob.glob(os.path.join(self.directory, f"{self._saving}{_TMP}*"))
-    folder = max(folders, key=os.path.getmtime) if folders else os.path.join(self.directory, str(self._saving))
+    # (In a bucket, orbax writes the step in place and commits it with a commit_success.txt instead.)
+    folders = [files.join(self.directory, n) for n in files.listdir(self.directory)
+               if n.startswith(f"{self._saving}{_TMP}")]
+    folder = max(folders, key=os.path.getmtime) if folders else files.join(self.directory, str(self._saving))
     write_manifest(folder, self._saving)
 
   def check(self) -> None:
@@ -151,9 +153,10 @@ class Checkpoints:
     kind, where = storage_errors.kind_of(error), f"{self.directory} while saving checkpoint step {self._saving}"
     if kind == storage_errors.FULL:
       number = next(n for n in map(storage_errors.os_errno, storage_errors.chain(error)) if n)
-      free = shutil.disk_usage(self.directory).free
+      free = ("" if files.is_remote(self.directory)
+              else f", {shutil.disk_usage(self.directory).free / 1e6:,.1f} MB are free there")
       return UserError(f"{os.strerror(number)} in {where}: a checkpoint needs about {self._bytes / 1e6:,.1f} "
-                       f"MB, {free / 1e6:,.1f} MB are free there", "free space, or keep fewer checkpoints "
+                       f"MB{free}", "free space, or keep fewer checkpoints "
                        "(train.keep_checkpoints), and run the same command again: it resumes from the "
                        "last complete step and sets the partial one aside")
     if kind == storage_errors.PERMISSION:
@@ -181,7 +184,7 @@ class Checkpoints:
     shapes differ from `abstract_state` is not damage either: a UserError names the array.
     """
     for step in reversed(self.steps()):
-      problem, kind = step_problem(os.path.join(self.directory, str(step)), checksums=True), "damaged"
+      problem, kind = step_problem(files.join(self.directory, str(step)), checksums=True), "damaged"
       if problem is None:
         restored, problem, kind = self._restore_checked(step, abstract_state, data_iterator)
       if not all_agree(problem is None):
@@ -220,21 +223,21 @@ class Checkpoints:
     return restored, None, None
 
   def _restore(self, step: int, abstract_state, data_iterator):
-    folder = os.path.join(self.directory, str(step), "data")
+    folder = files.join(self.directory, str(step), "data")
     mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     args = {"state": _restore_args(abstract_state)}
-    if os.path.exists(os.path.join(folder, mine)):
+    if files.exists(files.join(folder, mine)):
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     else:
-      saved = len(glob.glob(os.path.join(folder, "process_*.json")))
+      saved = len([n for n in files.listdir(folder) if n.startswith("process_") and n.endswith(".json")])
       warn(f"checkpoint step {step} holds the data iterator state of {saved} processes, not "
            f"{jax.process_count()}; the data order continues from the step instead")
     return self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
   def _set_aside(self, step: int, problem: str, kind: str = "damaged") -> None:
-    moved = _free_name(os.path.join(self.directory, f"{step}.{kind}"))
+    moved = _free_name(files.join(self.directory, f"{step}.{kind}"))
     if jax.process_index() == 0:
-      os.rename(os.path.join(self.directory, str(step)), moved)
+      files.rename(files.join(self.directory, str(step)), moved)
     multihost_utils.sync_global_devices(f"jaxlm set aside {step}")
     if self._manager is None:
       warn(f"checkpoint step {step} is damaged: {problem}; moved it to {moved}")
@@ -248,26 +251,33 @@ class Checkpoints:
   def _set_aside_before_orbax(self) -> None:
     """What would stop orbax from starting, or fool it: temporary folders of saves that never
     committed (the process died while writing), and steps whose metrics file does not decode."""
-    leftovers = sorted(glob.glob(os.path.join(self.directory, f"*{_TMP}*")))
+    names = files.listdir(self.directory)
+    leftovers = sorted(n for n in names if _TMP in n) + _uncommitted(self.directory, names)
     multihost_utils.sync_global_devices("jaxlm leftovers listed")
-    for folder in leftovers:
-      step = os.path.basename(folder).split(".", 1)[0]
-      moved = _free_name(os.path.join(self.directory, f"{step}.incomplete"))
+    for name in leftovers:
+      step = name.split(".", 1)[0]
+      moved = _free_name(files.join(self.directory, f"{step}.incomplete"))
       if jax.process_index() == 0:
-        os.rename(folder, moved)
+        files.rename(files.join(self.directory, name), moved)
       warn(f"checkpoint step {step} was never completed (its save was interrupted); moved its "
            f"temporary folder to {moved}")
     if leftovers:
       multihost_utils.sync_global_devices("jaxlm leftovers moved")
-    for step in sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(
-        self.directory) else []:
+    for step in sorted(int(n) for n in files.listdir(self.directory) if n.isdigit()):
       try:
-        with open(os.path.join(self.directory, str(step), "metrics", "metrics"), "rb") as f:
-          json.loads(f.read())
+        json.loads(files.read_bytes(files.join(self.directory, str(step), "metrics", "metrics")))
       except FileNotFoundError:
         pass  # (no metrics: orbax does without)
       except (UnicodeDecodeError, ValueError) as e:
         self._set_aside(step, f"metrics/metrics does not decode ({first_line(e)})")
+
+
+def _uncommitted(directory: str, names: list[str]) -> list[str]:
+  """In a bucket, the step folders of saves that never committed: orbax writes a step in place there and
+  marks it done with commit_success.txt (on a disk, it renames a temporary folder instead)."""
+  if not files.is_remote(directory):
+    return []
+  return [n for n in names if n.isdigit() and not files.exists(files.join(directory, n, COMMITTED))]
 
 
 def _handlers() -> dict:
@@ -339,17 +349,17 @@ def load_params(path: str, abstract_params):
   """
   for attempt in range(3):
     directory, step = resolve_checkpoint(path)
-    folder = os.path.join(directory, str(step))
+    folder = files.join(directory, str(step))
     try:
       return _read_params(directory, step, abstract_params), step
     except (UserError, ValueError, OSError):
-      if os.path.isdir(folder) or attempt == 2:
+      if files.isdir(folder) or attempt == 2:
         raise
   raise AssertionError("unreachable")
 
 
 def _read_params(directory: str, step: int, abstract_params):
-  folder = os.path.join(directory, str(step))
+  folder = files.join(directory, str(step))
   if (problem := step_problem(folder)) is not None:
     raise UserError(f"checkpoint {folder} is damaged: {problem}", "choose another step")
   options = ocp.CheckpointManagerOptions(create=False)  # (read_only=True logs three warnings)
@@ -372,15 +382,15 @@ def resolve_checkpoint(path: str, quiet: bool = False, attempts: int = 5) -> tup
   A workdir being trained deletes old steps as it saves new ones: a step that vanishes while it is
   checked was rotated away, not damaged, and the steps are listed again.
   """
-  path = os.path.abspath(path.rstrip("/"))
-  head, tail = os.path.split(path)
+  path = files.absolute(path.rstrip("/"))
+  head, tail = files.split(path)
   step = None
-  if tail.isdigit() and not os.path.isdir(os.path.join(path, "checkpoints")):
+  if tail.isdigit() and not files.isdir(files.join(path, "checkpoints")):
     path, step = head, int(tail)
-  directory = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = path if files.split(path)[1] == "checkpoints" else files.join(path, "checkpoints")
+  if not files.isdir(directory):
     raise UserError(f"no checkpoints in {path}", "give a workdir of a run, or WORKDIR/STEP")
-  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  steps = sorted(int(n) for n in files.listdir(directory) if n.isdigit())
   if step is not None:
     if step not in steps:
       raise UserError(f"no checkpoint for step {step} in {directory}",
@@ -388,12 +398,12 @@ def resolve_checkpoint(path: str, quiet: bool = False, attempts: int = 5) -> tup
     return directory, step
   skipped = []
   for step in reversed(steps):
-    if (problem := step_problem(os.path.join(directory, str(step)))) is None:
+    if (problem := step_problem(files.join(directory, str(step)))) is None:
       if skipped and not quiet:
         warn(f"skipping damaged checkpoint step{'s' * (len(skipped) > 1)} "
              f"{', '.join(str(s) for s, _ in skipped)} ({skipped[0][1]}); using step {step}")
       return directory, step
-    if not os.path.isdir(os.path.join(directory, str(step))) and attempts > 1:
+    if not files.isdir(files.join(directory, str(step))) and attempts > 1:
       return resolve_checkpoint(path, quiet, attempts - 1)  # (rotated away by the run: list again)
     skipped.append((step, problem))
   raise UserError(f"no valid checkpoint in {directory}", "train first, or give another workdir")
@@ -418,7 +428,7 @@ def _path_name(path) -> str:
 
 def _free_name(path: str) -> str:
   candidate, n = path, 1
-  while os.path.exists(candidate):
+  while files.exists(candidate):
     n += 1
     candidate = f"{path}-{n}"
   return candidate

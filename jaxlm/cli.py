@@ -222,8 +222,9 @@ def _define_eval(v: flags.FlagValues) -> None:
 def _start_jax_for(workdir: str) -> None:
   """Before JAX starts: the run's CPU device split, and the distributed runtime if asked for."""
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      _set_cpu_devices(int(json.load(f)["mesh"]["cpu_devices"]))
+    from jaxlm import files
+
+    _set_cpu_devices(int(json.loads(files.read_text(files.join(workdir, "config.json")))["mesh"]["cpu_devices"]))
   except (OSError, ValueError, KeyError, TypeError):
     pass  # loading the run reports what is wrong with it
   from jaxlm.parallel import initialize_distributed

@@ -1,46 +1,39 @@
-"""A checkpoint step's seal, `jaxlm-manifest.json`: the size and CRC-32 of every file it holds.
+"""A checkpoint step's seal, `jaxlm-manifest.json`: the size and checksum of every file it holds.
 
 Process 0 writes it just before orbax commits the step (checkpoint.py); restoring compares a step with
 it before trusting the step. Orbax checksums its own index but not the arrays' bytes, so without the
-CRCs a changed byte in an array file would restore silently.
+checksums a changed byte in an array file would restore silently. On a local disk the checksum is a
+CRC-32 of the bytes (read once at the seal); in a bucket it is the object store's own CRC32C, which
+one listing returns, so neither sealing nor checking downloads the step.
 """
 
 import json
-import os
 import zlib
 
 import jax
 
+from jaxlm import files
 from jaxlm.errors import first_line
 
 MANIFEST = "jaxlm-manifest.json"
 
 
 def write_manifest(folder: str, step: int) -> None:
-  """Seals a step: the size and CRC-32 of every file (orbax checksums its own index but not the
-  arrays' bytes). Step-level metadata that orbax rewrites on commit is only required to exist."""
-  files, crcs = {}, {}
-  for root, _, names in os.walk(folder):
-    for name in names:
-      path = os.path.join(root, name)
-      relative = os.path.relpath(path, folder)
-      if relative == MANIFEST:
-        continue
-      if os.sep in relative:
-        files[relative], crcs[relative] = os.path.getsize(path), _crc32(path)
-      else:
-        files[relative] = None
-  tmp = os.path.join(folder, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"format": 2, "step": step, "files": files, "crc32": crcs}, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(folder, MANIFEST))
+  """Seals a step. Step-level metadata that orbax rewrites on commit (a file at the top of the step) is
+  only required to exist."""
+  sizes = {name: size for name, size in files.walk_sizes(folder).items() if name != MANIFEST}
+  nested = {name: size for name, size in sizes.items() if "/" in name}
+  manifest = {"format": 3, "step": step, "files": {name: nested.get(name) for name in sizes}}
+  if files.is_remote(folder):
+    manifest["crc32c"] = {k: v for k, v in files.remote_checksums(folder).items() if k in nested}
+  else:
+    manifest["crc32"] = {name: _crc32(files.join(folder, name)) for name in nested}
+  files.write_text(files.join(folder, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def _crc32(path: str) -> int:
   crc = 0
-  with open(path, "rb") as f:
+  with files.open_read(path) as f:
     while block := f.read(1 << 22):
       crc = zlib.crc32(block, crc)
   return crc
@@ -48,23 +41,26 @@ def _crc32(path: str) -> int:
 
 def step_problem(folder: str, checksums: bool = False) -> str | None:
   """Why the step folder is not the one that was saved, or None if its files match its manifest
-  (their sizes; with `checksums`, on process 0, their bytes too: that reads the whole step)."""
+  (their sizes; with `checksums`, on process 0, their bytes too: locally that reads the whole step)."""
   try:
-    with open(os.path.join(folder, MANIFEST)) as f:
-      manifest = json.load(f)
-    files, crcs = manifest["files"], manifest.get("crc32", {})  # (format 1 had no checksums)
+    manifest = json.loads(files.read_text(files.join(folder, MANIFEST)))
+    sizes, crcs, crc32c = manifest["files"], manifest.get("crc32", {}), manifest.get("crc32c", {})
   except FileNotFoundError:
     return f"{MANIFEST} is missing (the save did not finish)"
   except (ValueError, KeyError, TypeError) as e:
     return f"{MANIFEST} is unreadable ({first_line(e, typed=True)})"
-  for name, size in sorted(files.items()):
-    path = os.path.join(folder, name)
-    if not os.path.exists(path):
+  found = files.walk_sizes(folder)
+  for name, size in sorted(sizes.items()):
+    if name not in found:
       return f"{name} is missing"
-    if size is not None and os.path.getsize(path) != size:
-      return f"{name} has {os.path.getsize(path)} bytes, {size} were written"
+    if size is not None and found[name] != size:
+      return f"{name} has {found[name]} bytes, {size} were written"
   if checksums and jax.process_index() == 0:
+    stored = files.remote_checksums(folder) if crc32c else {}
+    for name, crc in sorted(crc32c.items()):
+      if stored.get(name) != crc:
+        return f"{name} does not match its checksum (its bytes changed after the save)"
     for name, crc in sorted(crcs.items()):
-      if _crc32(os.path.join(folder, name)) != crc:
+      if _crc32(files.join(folder, name)) != crc:
         return f"{name} does not match its checksum (its bytes changed after the save)"
   return None

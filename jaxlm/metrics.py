@@ -2,10 +2,11 @@
 
 import json
 import math
-import os
 import sys
 
 import jax
+
+from jaxlm import files
 
 
 def param_count(params) -> int:
@@ -23,28 +24,42 @@ def flops_per_token(eval_step, params, batch: dict) -> float:
 
 
 class MetricsLog:
-  """Appends one JSON object per line to WORKDIR/metrics.jsonl (only process 0 writes)."""
+  """Appends one JSON object per line to WORKDIR/metrics.jsonl (only process 0 writes).
+
+  In a bucket, where objects cannot be appended to, the file is kept in memory and each line rewrites
+  it (one upload per logged step)."""
 
   def __init__(self, workdir: str, enabled: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = files.join(workdir, "metrics.jsonl")
     self.enabled = enabled
+    self._text: str | None = None  # (a bucket's copy)
 
   def write(self, step: int, **values: float) -> None:
     """One line; a non-finite value is written as null (the file stays strict JSON)."""
     if self.enabled:
       row = {k: float(v) if math.isfinite(float(v)) else None for k, v in values.items()}
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
+      line = json.dumps({"step": step, **row}, allow_nan=False) + "\n"
+      if files.is_remote(self.path):
+        self._text = (self._read() if self._text is None else self._text) + line
+        files.write_text(self.path, self._text)
+      else:
+        with open(self.path, "a") as f:
+          f.write(line)
+
+  def _read(self) -> str:
+    try:
+      return files.read_text(self.path)
+    except FileNotFoundError:
+      return ""
 
   def drop_after(self, step: int) -> int:
     """Removes the lines of steps after `step` (written by a run that then died); returns how many.
 
     A resumed run writes those steps again, so the file reads as one uninterrupted run.
     """
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not files.exists(self.path):
       return 0
-    with open(self.path) as f:
-      lines = f.readlines()
+    lines = self._read().splitlines(keepends=True)
     keep = []
     for line in lines:
       try:
@@ -53,10 +68,8 @@ class MetricsLog:
       except (ValueError, KeyError, TypeError):
         pass  # a line cut short by the kill
     if keep != lines:
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(keep)
-      os.replace(tmp, self.path)
+      files.write_text(self.path, "".join(keep))
+    self._text = None
     return len(lines) - len(keep)
 
 

@@ -1,8 +1,9 @@
 """A training run's hold on its workdir: one run at a time, and no empty workdir left by a failed start.
 
-The lock is an OS lock (`flock`) on WORKDIR/jaxlm.lock, taken by process 0 for the run's whole life.
-The kernel drops it when the holder exits in any way, SIGKILL included, so it never goes stale; the
-file records who holds it (host, pid, start time, command) for the one line a second run prints.
+On a disk the lock is an OS lock (`flock`) on WORKDIR/jaxlm.lock, taken by process 0 for the run's
+whole life. The kernel drops it when the holder exits in any way, SIGKILL included, so it never goes
+stale; the file records who holds it (host, pid, start time, command) for the one line a second run
+prints. A bucket (gs://) has no locks, so there the file is a lease (bucket_lock.py).
 `jaxlm sample` and `jaxlm eval` only read a workdir and take no lock.
 """
 
@@ -11,13 +12,14 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
 import tempfile
 
 import jax
 
+from jaxlm import files
+from jaxlm.bucket_lock import Lease
 from jaxlm.errors import UserError, warn
 from jaxlm.parallel import all_agree
 
@@ -33,7 +35,7 @@ class Workdir:
 
   def __init__(self, path: str):
     self.path = path
-    self.existed = all_agree(os.path.isdir(path))  # (the same answer on every process)
+    self.existed = all_agree(files.isdir(path))  # (the same answer on every process)
     self.locked = False
     self._file = None
 
@@ -42,9 +44,9 @@ class Workdir:
 
   def __exit__(self, kind, error, tb) -> None:
     self.release()
-    if error is not None and not self.existed and jax.process_index() == 0 and os.path.isdir(self.path):
-      if os.listdir(self.path) in ([], [LOCK]):
-        shutil.rmtree(self.path)
+    if error is not None and not self.existed and jax.process_index() == 0 and files.isdir(self.path):
+      if files.listdir(self.path) in ([], [LOCK]):
+        files.remove_tree(self.path)
 
   def lock(self) -> None:
     """Creates the workdir (checking it is writable) and takes the lock, on process 0; every process
@@ -66,6 +68,11 @@ class Workdir:
 
   def _try_lock(self) -> str | None:
     """None once this process holds the lock, else who holds it."""
+    if files.is_remote(self.path):
+      lease = Lease(files.join(self.path, LOCK), _record())
+      if (holder := lease.take()) is None:
+        self._file = lease
+      return holder
     path = os.path.join(self.path, LOCK)
     f = open(path, "a+")  # noqa: SIM115 (held until release); "a+": the holder's record stays readable
     try:
@@ -82,18 +89,21 @@ class Workdir:
       return holder
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                        "since": datetime.datetime.now().isoformat(timespec="seconds"),
-                        "command": " ".join(sys.argv)}) + "\n")
+    f.write(json.dumps(_record()) + "\n")
     f.flush()
     self._file = f
     return None
 
   def release(self) -> None:
     if self._file is not None:
-      self._file.close()  # (closing drops the flock)
+      self._file.close()  # (closing drops the flock; a lease is given back)
       self._file = None
     self.locked = False
+
+
+def _record() -> dict:
+  return {"host": socket.gethostname(), "pid": os.getpid(),
+          "since": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
 
 
 def _describe(record: str) -> str:
@@ -105,6 +115,15 @@ def _describe(record: str) -> str:
 
 
 def _make_writable(path: str) -> None:
+  if files.is_remote(path):
+    probe = files.join(path, f".jaxlm-probe-{socket.gethostname()}-{os.getpid()}")
+    try:
+      files.write_bytes(probe, b"")
+      files.remove(probe)
+    except OSError as e:
+      raise UserError(f"workdir {path} is not writable: {e}", "check the bucket's name and this machine's "
+                      "credentials (gcloud auth application-default login), or give another --workdir") from None
+    return
   try:
     os.makedirs(path, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path):
@@ -116,11 +135,9 @@ def _make_writable(path: str) -> None:
 
 def saved_config(workdir: str) -> dict | None:
   """The config of the run whose checkpoints are in `workdir`, or None if it has no checkpoints."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+  if not any(n.isdigit() for n in files.listdir(files.join(workdir, "checkpoints"))):
     return None
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      return json.load(f)
+    return json.loads(files.read_text(files.join(workdir, "config.json")))
   except (OSError, ValueError):
     return None  # the checkpoints' own shapes are checked when they are restored

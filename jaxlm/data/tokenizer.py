@@ -5,7 +5,6 @@ tokens are dropped and a partial UTF-8 sequence (e.g. a sample cut mid-character
 """
 
 import json
-import os
 
 import numpy as np
 
@@ -48,10 +47,9 @@ class ByteTokenizer:
 
 def save_tokenizer(tokenizer, path: str) -> None:
   """Writes the tokenizer as JSON (atomically), so a workdir alone can decode and encode."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(tokenizer.to_json())
-  os.replace(tmp, path)
+  from jaxlm import files
+
+  files.write_text(path, tokenizer.to_json())
 
 
 def load_tokenizer_json(text: str, source: str = "tokenizer.json"):
