@@ -9,7 +9,6 @@ the run at that step (exit 3) with nothing non-finite saved.
 
 import dataclasses
 import math
-import os
 import statistics
 import time
 
@@ -18,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxlm import objectives
+from jaxlm import files, objectives
 from jaxlm.checkpoint import Checkpoints, abstract_like, load_params, resolve_checkpoint
 from jaxlm.config import resolved, resume_changes, to_json, validate
 from jaxlm.data.text import Corpus, first_row, load_data
@@ -32,6 +31,7 @@ from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
 from jaxlm.preemption import StopSignals, stop_requested
 from jaxlm.samples import end_sample
 from jaxlm.train import compile_steps, plan_train_state
+from jaxlm.watchdog import Watchdog
 from jaxlm.workdir import Workdir, saved_config
 
 
@@ -69,7 +69,7 @@ def _check_start(config, workdir: str, progress: Progress) -> None:
       progress.message("resuming with changed settings: " + "; ".join(changes))
   elif config.init_from:
     directory, _ = resolve_checkpoint(config.init_from)  # a bad path fails now, not after the data is loaded
-    _check_family(config, os.path.dirname(directory))
+    _check_family(config, files.split(directory)[0])
 
 
 def _check_family(config, source: str) -> None:
@@ -168,7 +168,7 @@ class Trainer:
     self.config, self.workdir, self.corpus, self.model_config = config, workdir, corpus, model_config
     self.mesh, self.progress, self.signals = mesh, progress, signals
     self.log = MetricsLog(workdir, enabled=jax.process_index() == 0)
-    self.timer, self.last = StepTimer(), {}
+    self.timer, self.last, self.first_step = StepTimer(), {}, None
     c = config.train
     self.policy = Policy(c.steps, c.log_every, c.eval_every, c.checkpoint_every)
     self.objective = objectives.get(config.objective)
@@ -196,7 +196,12 @@ class Trainer:
         return {"finished_at": start}
       self.train, self.eval_step = compile_steps(self.setup, self.shardings, self.sharding)
       self.evaluator, self.val_rows = self.validation()
-      state, stopped_at = self.steps(state)
+      self.watchdog = Watchdog(self.config.train.step_timeout, jax.process_count() > 1,
+                               self.config.train.eval_batches)
+      try:
+        state, stopped_at = self.steps(state)
+      finally:
+        self.watchdog.stop()
     finally:
       self.checkpoints.close()  # pending saves are committed, also when the run stops with an error
     return self.finish(state, stopped_at)
@@ -232,9 +237,8 @@ class Trainer:
 
   def write_run_files(self) -> None:
     if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, "config.json"), "w") as f:
-        f.write(to_json(self.config))
-      save_tokenizer(self.corpus.tokenizer, os.path.join(self.workdir, "tokenizer.json"))
+      files.write_text(files.join(self.workdir, "config.json"), to_json(self.config))
+      save_tokenizer(self.corpus.tokenizer, files.join(self.workdir, "tokenizer.json"))
     shape, objective = self.mesh.shape, self.setup.objective
     about = objective.summary(self.config.data) + _truncated(self.packer)
     sft = (f" (loss on the {self.corpus.pairs[1]} tokens)" if self.corpus.pairs and self.packer is None
@@ -261,14 +265,18 @@ class Trainer:
       previous = metrics
       self.checkpoints.check()  # a save that failed in the background stops the run now
       if (first := self.timer.stepped()) is not None:
+        self.first_step = first
         self.progress.message(f"first step compiled and dispatched in {first:.1f} s")
       done, policy = step + 1, self.policy
+      self.watchdog.beat(f"step {done}", self.first_step, self.timer.median(50))
       if policy.log(done):
         self.log_step(done, metrics)
       if evaluated := policy.evaluate(done):
+        self.watchdog.beat(f"the evaluation at step {done}")
         self.evaluate_now(done, state.params)
-      stop = stop_requested(self.signals)
+      stop = stop_requested(self.signals, done)
       if saved := policy.save(done, stop):
+        self.watchdog.beat(f"saving step {done}")
         self.save(done, state, metrics, evaluated)
       if evaluated or saved:
         self.timer.pause()

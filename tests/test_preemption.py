@@ -81,7 +81,7 @@ def interrupt_at(workdir, mesh, step, sig, *overrides, to_process=0):
 
 def saved_arrays(workdir, step=STEPS):
   """Every array of the saved TrainState (params, optimizer state, step, RNG) as numpy."""
-  directory = workdir / "checkpoints" / str(step) / "state"
+  directory = f"{workdir}/checkpoints/{step}/state"  # (a folder or a gs:// URL)
   with ocp.PyTreeCheckpointer() as checkpointer:
     tree = checkpointer.metadata(directory).item_metadata.tree
     args = ocp.args.PyTreeRestore(restore_args=jax.tree.map(  # as numpy, whatever mesh saved it
@@ -141,9 +141,21 @@ def test_sigterm_saves_at_the_current_step_exits_0_and_resumes_exactly(reference
   assert_same_run(workdir, reference("1 device"))
 
 
-def test_with_two_processes_sigterm_to_one_stops_both_at_the_same_step(reference, tmp_path):
-  """Only process 1 gets the signal; the processes agree, save one checkpoint together, exit 0."""
-  mesh, steps = "2 processes x 2 devices", 40
+TWO, TWO_STEPS = "2 processes x 2 devices", 40
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(tmp_path_factory):
+  """An uninterrupted 2-process run of TWO_STEPS steps."""
+  uninterrupted = tmp_path_factory.mktemp("reference-2p") / "w"
+  finish(uninterrupted, TWO, f"--config.train.steps={TWO_STEPS}")
+  return uninterrupted
+
+
+def test_with_two_processes_sigterm_to_one_stops_both_at_the_same_step(two_process_reference, tmp_path):
+  """Only process 1 gets the signal; the processes agree (through JAX's preemption service), save one
+  checkpoint together, exit 0."""
+  mesh, steps = TWO, TWO_STEPS
   workdir = tmp_path / "w"
   codes, seconds = interrupt_at(workdir, mesh, 13, signal.SIGTERM, f"--config.train.steps={steps}",
                                 to_process=1)
@@ -156,9 +168,41 @@ def test_with_two_processes_sigterm_to_one_stops_both_at_the_same_step(reference
   for i in range(2):
     assert json.loads((data / f"process_{i}-of-2.json").read_text())["step"] == stopped
   finish(workdir, mesh, f"--config.train.steps={steps}")
-  uninterrupted = tmp_path / "reference"
-  finish(uninterrupted, mesh, f"--config.train.steps={steps}")
-  assert_same_run(workdir, uninterrupted, steps)
+  assert_same_run(workdir, two_process_reference, steps)
+
+
+def test_a_stopped_process_ends_the_run_through_the_watchdog_with_stacks_and_the_rerun_resumes_exactly(
+    two_process_reference, tmp_path):
+  """SIGSTOP: process 1 freezes mid-run and process 0 waits for it in a collective. JAX would notice
+  only after its heartbeat timeout (20 s here), and never for a hung process that still heartbeats;
+  the step watchdog (train.step_timeout) ends process 0 with its stacks."""
+  workdir, timeout = tmp_path / "w", 6
+  flags = [f"--config.train.steps={TWO_STEPS}", f"--config.train.step_timeout={timeout}"]
+  procs = start(workdir, TWO, *flags)
+  path = workdir / "metrics.jsonl"
+  while not (path.exists() and '"step": 12,' in path.read_text()):
+    assert all(p.poll() is None for p in procs), output(workdir)[1][-2000:]
+    time.sleep(0.002)
+  procs[1].send_signal(signal.SIGSTOP)
+  stopped = time.monotonic()
+  code = procs[0].wait(timeout=120)
+  seconds = time.monotonic() - stopped
+  procs[1].kill()
+  procs[1].wait()
+  err = output(workdir)[1]
+  assert code == 3, err[-3000:]
+  line = next(x for x in err.splitlines() if x.startswith("jaxlm: error:"))
+  assert re.fullmatch(rf"jaxlm: error: no progress for \d+ s in step \d+ \(train.step_timeout={timeout}\): a process "
+                      r"of the run is stuck or stopped; the stacks of this process's threads follow; run the same "
+                      r"command again to resume from the last checkpoint", line), line
+  after = err[err.index(line):]
+  assert "(most recent call first)" in after and 'File "' in after and "jaxlm/loop.py" in after
+  assert timeout < seconds < timeout + 10  # (the watchdog looks once a second)
+  saved = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+  assert saved and saved[-1] < TWO_STEPS
+  finish(workdir, TWO, *flags)
+  assert f"resumed from {workdir}/checkpoints/{saved[-1]}" in output(workdir)[0]
+  assert_same_run(workdir, two_process_reference, TWO_STEPS)
 
 
 def test_a_second_sigint_aborts_at_once(monkeypatch, capsys):
@@ -168,7 +212,7 @@ def test_a_second_sigint_aborts_at_once(monkeypatch, capsys):
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.01)  # Python runs handlers between bytecodes
     assert signals.received == "SIGINT" and exits == []
-    assert preemption.stop_requested(signals)
+    assert preemption.stop_requested(signals, 0)
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.01)
   assert exits == [130]
