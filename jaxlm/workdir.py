@@ -117,12 +117,16 @@ def _describe(record: str) -> str:
 def _make_writable(path: str) -> None:
   if files.is_remote(path):
     probe = files.join(path, f".jaxlm-probe-{socket.gethostname()}-{os.getpid()}")
+    bucket = path.split("://", 1)[1].split("/", 1)[0]
     try:
       files.write_bytes(probe, b"")
       files.remove(probe)
+    except FileNotFoundError:
+      raise UserError(f"workdir {path}: there is no bucket {bucket}",
+                      f"create it (gcloud storage buckets create gs://{bucket}) or fix the --workdir") from None
     except OSError as e:
-      raise UserError(f"workdir {path} is not writable: {e}", "check the bucket's name and this machine's "
-                      "credentials (gcloud auth application-default login), or give another --workdir") from None
+      raise UserError(f"workdir {path} is not writable: {e}", "check this machine's credentials (gcloud auth "
+                      "application-default login) and its access to the bucket, or give another --workdir") from None
     return
   try:
     os.makedirs(path, exist_ok=True)

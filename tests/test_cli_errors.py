@@ -169,6 +169,8 @@ def test_unknown_command(capsys):
     ("--config.seed=-1", "seed must be 0 or more"),
     ("--config.train.sample_tokens=-5", "train.sample_tokens must be 0 or more"),
     ("--config.mesh.cpu_devices=-2", "mesh.cpu_devices must be 0 or more"),
+    ("--config.train.step_timeout=-2", "train.step_timeout must be at least -1, got -2.0"),
+    ("--config.train.step_timeout=nan", "train.step_timeout must be at least -1, got nan"),
     ("--config.mesh.rules=(('embed','pipeline'),)", "mesh.rules has the entry ('embed', 'pipeline')"),
     ("--config.train.sample_prompt=\udcff", "train.sample_prompt is not valid UTF-8 (byte 0xff at position 0)"),
 ])

@@ -140,3 +140,16 @@ def test_a_live_lease_refuses_a_second_run_and_a_dead_one_is_taken_over(bucket, 
   assert lease.take() is None  # ...until it lapses
   assert json.loads(files.read_text(lock))["pid"] == os.getpid()
   lease.close()
+
+
+def test_a_missing_bucket_or_workdir_is_one_line(bucket):
+  code, _, err = run([*RUN, "--workdir=gs://no-such-bucket/run"])
+  assert code == 2 and err.strip().splitlines()[-1] == (
+      "jaxlm: error: workdir gs://no-such-bucket/run: there is no bucket no-such-bucket (create it (gcloud "
+      "storage buckets create gs://no-such-bucket) or fix the --workdir)"), err[-2000:]
+  code, _, err = run(["sample", f"--workdir={bucket}/never-trained"])
+  assert code == 2 and err.strip().splitlines()[-1] == (
+      f"jaxlm: error: workdir {bucket}/never-trained does not exist (give the --workdir of a training run)")
+  code, _, err = run([*RUN, f"--workdir={bucket}/w2", f"--config.data.path={bucket}/no-store"])
+  assert code == 2 and err.strip().splitlines()[-1].startswith(
+      f"jaxlm: error: {bucket}/no-store is not a prepared token store (no meta.json"), err[-2000:]
