@@ -4,7 +4,7 @@
 
 Each process gets `--devices` CPU devices and joins through JAX's distributed runtime on 127.0.0.1.
 Process 0 prints to the terminal; process i > 0 writes to LOGS/launch-<i>.log, LOGS being `--logs`, else
-WORKDIR/logs for a command with --workdir, else a new temporary folder (the launcher names it).
+WORKDIR/logs for a command with a local --workdir, else a new temporary folder (the launcher names it).
 SIGTERM and SIGINT are forwarded to every process (they agree on a step, save there and exit 0).
 When a process fails (a non-zero exit, or killed), the launcher names it, ends the others at once
 (SIGTERM, then SIGKILL after a few seconds) and exits non-zero; rerunning the command resumes.
@@ -17,9 +17,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 
-GRACE_SECONDS = 5  # between the SIGTERM and the SIGKILL that end the survivors of a failed process
+import procs as procs_lib  # launch/procs.py (scripts here run as `python launch/x.py`)
 
 
 def free_port() -> int:
@@ -34,7 +34,8 @@ def logs_folder(given: str | None, command: list[str]) -> str:
     folder = given
   else:
     workdirs = [a.split("=", 1)[1] for a in command if a.startswith("--workdir=")]
-    folder = os.path.join(workdirs[-1], "logs") if workdirs else tempfile.mkdtemp(prefix="jaxlm-launch-")
+    local = workdirs and "://" not in workdirs[-1]  # (a gs:// workdir: the logs stay on this machine)
+    folder = os.path.join(workdirs[-1], "logs") if local else tempfile.mkdtemp(prefix="jaxlm-launch-")
   os.makedirs(folder, exist_ok=True)
   return folder
 
@@ -54,38 +55,12 @@ def start(command: list[str], processes: int, devices: int, logs: str) -> list[s
   return procs
 
 
-def how(code: int) -> str:
-  return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-
-
-def supervise(procs: list[subprocess.Popen], logs: str) -> int:
-  """Waits for every process; the first that fails ends the others. Returns the launcher's exit code."""
-  while True:
-    codes = [p.poll() for p in procs]
-    failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
-    if failed:
-      i, code = failed[0]
-      where = "" if i == 0 else f" (its log: {os.path.join(logs, f'launch-{i}.log')})"
-      print(f"launch: process {i} of {len(procs)} {how(code)}{where}; ending the others",
-            file=sys.stderr, flush=True)
-      end(procs)
-      return code if code > 0 else 128 - code
-    if all(code == 0 for code in codes):
-      return 0
-    time.sleep(0.05)
-
-
-def end(procs: list[subprocess.Popen]) -> None:
-  for p in procs:
-    if p.poll() is None:
-      p.send_signal(signal.SIGTERM)
-  deadline = time.monotonic() + GRACE_SECONDS
-  for p in procs:
-    try:
-      p.wait(timeout=max(deadline - time.monotonic(), 0.01))
-    except subprocess.TimeoutExpired:
-      p.kill()
-      p.wait()
+def failure_line(logs: str, count: int) -> Callable[[int, int], str]:
+  """The line that names a failed process (and the log of one that is not process 0)."""
+  def line(i: int, code: int) -> str:
+    where = "" if i == 0 else f" (its log: {os.path.join(logs, f'launch-{i}.log')})"
+    return f"launch: process {i} of {count} {procs_lib.how(code)}{where}; ending the others"
+  return line
 
 
 def main() -> int:
@@ -108,7 +83,7 @@ def main() -> int:
         p.send_signal(signum)
   signal.signal(signal.SIGTERM, forward)
   signal.signal(signal.SIGINT, forward)
-  return supervise(procs, logs)
+  return procs_lib.supervise(procs, failure_line(logs, len(procs)), procs_lib.end)
 
 
 if __name__ == "__main__":
