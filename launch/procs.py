@@ -14,6 +14,12 @@ from collections.abc import Callable
 GRACE_SECONDS = 5  # between the SIGTERM and the SIGKILL that end the survivors of a failed process
 
 
+def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+  """A launcher's own flags (before `--`) and the jaxlm command (after it)."""
+  split = argv.index("--") if "--" in argv else len(argv)
+  return argv[:split], argv[split + 1:]
+
+
 def how(code: int) -> str:
   """A child's exit as words: 'exited with code 3', 'was killed by SIGKILL'."""
   return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"

@@ -23,6 +23,8 @@ import shutil
 import subprocess
 import sys
 
+import procs as procs_lib  # launch/procs.py (scripts here run as `python launch/x.py`)
+
 TIME_FORMATS = (  # SLURM's --time formats -> (days, hours, minutes, seconds) group names
     r"(?P<m>\d+)", r"(?P<m>\d+):(?P<s>\d+)", r"(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)", r"(?P<d>\d+)-(?P<h>\d+)",
     r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+)", r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)")
@@ -65,9 +67,9 @@ def parser() -> Parser:
 
 def parse(argv: list[str]) -> argparse.Namespace:
   """The flags before `--` go to argparse; what follows is the jaxlm command."""
-  split = argv.index("--") if "--" in argv else len(argv)
-  args = parser().parse_args(argv[:split])
-  args.command = argv[split + 1:]
+  own, command = procs_lib.split_command(argv)
+  args = parser().parse_args(own)
+  args.command = command
   if not args.command:
     raise UserError("no jaxlm command: give it after --, e.g. -- train --config=configs/default.py "
                     "--workdir=runs/mine")

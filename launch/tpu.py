@@ -380,10 +380,10 @@ def parser() -> Parser:
 
 def parse(argv: list[str]) -> argparse.Namespace:
   """The flags before `--` go to argparse; what follows is the jaxlm command of `run`."""
-  split = argv.index("--") if "--" in argv else len(argv)
-  args = parser().parse_args(argv[:split])
-  args.command = argv[split + 1:]
-  if args.subcommand != "run" and split < len(argv):
+  own, args_command = procs_lib.split_command(argv)
+  args = parser().parse_args(own)
+  args.command = args_command
+  if args.subcommand != "run" and len(own) < len(argv):
     raise UserError(f"only run takes a command after --, not {args.subcommand}")
   if "--dry_run" in args.command:  # (jaxlm has no such flag: a dry run asked for in the wrong place)
     raise UserError("--dry_run after -- would go to jaxlm and run for real; put it before --")
