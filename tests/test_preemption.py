@@ -179,8 +179,8 @@ def test_a_stopped_process_ends_the_run_through_the_watchdog_with_stacks_and_the
   workdir, timeout = tmp_path / "w", 6
   flags = [f"--config.train.steps={TWO_STEPS}", f"--config.train.step_timeout={timeout}"]
   procs = start(workdir, TWO, *flags)
-  path = workdir / "metrics.jsonl"
-  while not (path.exists() and '"step": 12,' in path.read_text()):
+  sealed = workdir / "checkpoints" / "10" / "jaxlm-manifest.json"  # (committed only once both processes wrote it)
+  while not sealed.exists():
     assert all(p.poll() is None for p in procs), output(workdir)[1][-2000:]
     time.sleep(0.002)
   procs[1].send_signal(signal.SIGSTOP)
