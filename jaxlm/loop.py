@@ -168,7 +168,7 @@ class Trainer:
     self.config, self.workdir, self.corpus, self.model_config = config, workdir, corpus, model_config
     self.mesh, self.progress, self.signals = mesh, progress, signals
     self.log = MetricsLog(workdir, enabled=jax.process_index() == 0)
-    self.timer, self.last, self.first_step = StepTimer(), {}, None
+    self.timer, self.last, self.first_step, self.evaluations = StepTimer(), {}, None, 0
     c = config.train
     self.policy = Policy(c.steps, c.log_every, c.eval_every, c.checkpoint_every)
     self.objective = objectives.get(config.objective)
@@ -272,7 +272,8 @@ class Trainer:
       if policy.log(done):
         self.log_step(done, metrics)
       if evaluated := policy.evaluate(done):
-        self.watchdog.beat(f"the evaluation at step {done}")
+        self.watchdog.beat(f"the evaluation at step {done}", compiling=self.evaluations == 0)
+        self.evaluations += 1
         self.evaluate_now(done, state.params)
       stop = stop_requested(self.signals, done)
       if saved := policy.save(done, stop):

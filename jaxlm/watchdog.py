@@ -10,7 +10,8 @@ from the last checkpoint).
 The limit: `train.step_timeout` seconds when set (> 0). Automatic (0) in a multi-process run:
 2x the first step (its compile) + (10 + train.eval_batches) x the median step + 60 s, generous enough
 for an evaluation, a save, or a slow step; off in a single process (a researcher in a debugger is not
-a hang). -1: off. The first step, which compiles, is given at least FIRST_STEP_SECONDS.
+a hang). -1: off. The first step and the first evaluation, which compile, are given at least
+FIRST_STEP_SECONDS.
 """
 
 import faulthandler
@@ -33,13 +34,17 @@ class Watchdog:
     if self.enabled:
       threading.Thread(target=self._watch, name="jaxlm-watchdog", daemon=True).start()
 
-  def beat(self, phase: str, first_step: float | None = None, median_step: float | None = None) -> None:
-    """Progress: `phase` starts now. After the first step, its time and the median step's set the limit."""
+  def beat(self, phase: str, first_step: float | None = None, median_step: float | None = None,
+           compiling: bool = False) -> None:
+    """Progress: `phase` starts now. After the first step, its time and the median step's set the limit;
+    a phase that `compiling` (the first evaluation) gets at least FIRST_STEP_SECONDS."""
     self.phase, self.since = phase, time.monotonic()
     if self.configured > 0:
       self.limit = self.configured
     elif first_step is not None and median_step is not None and median_step == median_step:  # (not nan)
       self.limit = 2 * first_step + (10 + self.eval_batches) * median_step + 60.0
+    if compiling:
+      self.limit = max(self.limit, FIRST_STEP_SECONDS)
 
   def stop(self) -> None:
     self._done.set()

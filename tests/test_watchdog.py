@@ -28,6 +28,10 @@ def test_it_is_off_in_one_process_unless_set_and_minus_one_is_off():
     assert dog.enabled and dog.limit == FIRST_STEP_SECONDS  # the first step compiles
     dog.beat("step 1", first_step=3.0, median_step=float("nan"))
     assert dog.limit == 5
+    dog.beat("the evaluation at step 2", compiling=True)  # (the first evaluation compiles too)
+    assert dog.limit == FIRST_STEP_SECONDS
+    dog.beat("step 3", first_step=3.0, median_step=0.1)
+    assert dog.limit == 5
   finally:
     dog.stop()
 
