@@ -15,6 +15,7 @@ import threading
 import time
 
 from jaxlm import files
+from jaxlm.errors import warn
 
 LEASE_SECONDS = 120.0
 RENEW_SECONDS = 30.0
@@ -49,8 +50,13 @@ class Lease:
     return (json.dumps({**self.record, "renewed": time.time()}) + "\n").encode()
 
   def _renew(self) -> None:
+    """Renews until closed. A failed renewal (the bucket did not answer) is warned about and tried again
+    at the next interval: the lease lapses only after LEASE_SECONDS without one."""
     while not self._stop.wait(RENEW_SECONDS):
-      files.write_bytes(self.path, self._bytes())
+      try:
+        files.write_bytes(self.path, self._bytes())
+      except OSError as e:
+        warn(f"could not renew the workdir's lease {self.path} ({e}); trying again in {RENEW_SECONDS:g} s")
 
   def close(self) -> None:
     """Gives the lease back (if it is still ours)."""
