@@ -55,7 +55,7 @@ class Lease:
     while not self._stop.wait(RENEW_SECONDS):
       try:
         files.write_bytes(self.path, self._bytes())
-      except OSError as e:
+      except files.errors() as e:
         warn(f"could not renew the workdir's lease {self.path} ({e}); trying again in {RENEW_SECONDS:g} s")
 
   def close(self) -> None:

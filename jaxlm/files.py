@@ -183,6 +183,16 @@ def remote_checksums(folder: str) -> dict[str, str]:
           if info.get("type") == "file" and name.startswith(base) and info.get("crc32c")}
 
 
+def errors() -> tuple[type[BaseException], ...]:
+  """What a failed storage request raises: OSError, and gcsfs's HttpError (a request that still failed
+  after gcsfs's own retries)."""
+  try:
+    from gcsfs.retry import HttpError
+  except ImportError:
+    return (OSError,)
+  return (OSError, HttpError)
+
+
 def _bucket_path(folder: str) -> str:
   """gs://b/run/ckpt -> 'b/run/ckpt/', how fsspec names the objects it lists."""
   return str(folder).split("://", 1)[1].rstrip("/") + "/"
