@@ -153,3 +153,26 @@ def test_a_missing_bucket_or_workdir_is_one_line(bucket):
   code, _, err = run([*RUN, f"--workdir={bucket}/w2", f"--config.data.path={bucket}/no-store"])
   assert code == 2 and err.strip().splitlines()[-1].startswith(
       f"jaxlm: error: {bucket}/no-store is not a prepared token store (no meta.json"), err[-2000:]
+
+
+def test_a_failed_lease_renewal_is_warned_about_and_retried(tmp_path, monkeypatch, capsys):
+  """(On a local path: the lease logic is the same; only the bucket's requests differ.)"""
+  monkeypatch.setattr(bucket_lock, "RENEW_SECONDS", 0.05)
+  lock = str(tmp_path / "jaxlm.lock")
+  lease = bucket_lock.Lease(lock, {"host": socket.gethostname(), "pid": os.getpid()})
+  assert lease.take() is None
+  first = json.loads(files.read_text(lock))["renewed"]
+  real, calls = files.write_bytes, []
+
+  def flaky(path, data):
+    calls.append(path)
+    if len(calls) == 1:
+      raise OSError("503 Service Unavailable")
+    real(path, data)
+  monkeypatch.setattr(bucket_lock.files, "write_bytes", flaky)
+  deadline = time.monotonic() + 10
+  while json.loads(files.read_text(lock))["renewed"] == first and time.monotonic() < deadline:
+    time.sleep(0.02)
+  lease.close()
+  assert len(calls) >= 2 and not os.path.exists(lock)  # renewed after the failure; given back at the end
+  assert f"could not renew the workdir's lease {lock} (503 Service Unavailable)" in capsys.readouterr().err
