@@ -82,11 +82,6 @@ def listdir(path: str) -> list[str]:
   return sorted({posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)})
 
 
-def makedirs(path: str) -> None:
-  if not is_remote(path):
-    os.makedirs(path, exist_ok=True)  # (an object store's folders exist once something is in them)
-
-
 def read_bytes(path: str) -> bytes:
   """The file's bytes; a missing file is FileNotFoundError, as for a local file."""
   if not is_remote(path):

@@ -15,6 +15,7 @@ from processes import spawn_jaxlm
 from test_preemption import saved_arrays
 
 from jaxlm import bucket_lock, files
+from jaxlm.errors import UserError
 
 STEPS = 60
 RUN = ["train", f"--config={ROOT}/tests/tiny.py", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5",
@@ -176,3 +177,19 @@ def test_a_failed_lease_renewal_is_warned_about_and_retried(tmp_path, monkeypatc
   lease.close()
   assert len(calls) >= 2 and not os.path.exists(lock)  # renewed after the failure; given back at the end
   assert f"could not renew the workdir's lease {lock} (503 Service Unavailable)" in capsys.readouterr().err
+
+
+def test_a_bucket_path_without_gcsfs_installed_is_one_line_naming_the_extra(monkeypatch):
+  import fsspec
+
+  def missing(protocol, **kw):
+    raise ImportError("Install gcsfs to access Google Storage")
+  monkeypatch.setattr(fsspec, "filesystem", missing)
+  files._filesystem.cache_clear()
+  try:
+    with pytest.raises(UserError) as caught:
+      files.exists("gs://b/run")
+  finally:
+    files._filesystem.cache_clear()
+  assert caught.value.what == "gs:// paths need an fsspec filesystem: Install gcsfs to access Google Storage"
+  assert caught.value.exit_code == 2 and caught.value.hint == "pip install 'jaxlm[gcs]' (gcsfs) for gs:// workdirs"
