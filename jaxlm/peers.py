@@ -124,22 +124,31 @@ def _install_abort_handler() -> None:
   libc.signal(signal.SIGABRT, ctypes.cast(_peers.abort_handler, ctypes.c_void_p).value)
 
 
+# An HTTP/2 client preface and an empty SETTINGS frame: a live gRPC server answers with its own SETTINGS.
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def _coordinator_reachable() -> bool:
-  """After an abort only: does process 0's service still accept connections? (Tried for ~1 s: a
-  SIGKILLed process's listening socket can outlive its connections by milliseconds.)"""
+  """After an abort only: does process 0's service still answer? Accepting a connection is not enough:
+  a SIGKILLed process's listening socket outlives its threads while the kernel frees its memory (a
+  second or more on a loaded machine), and takes connections that no one will serve. So it says an
+  HTTP/2 hello, which a live gRPC server answers at once (tried 3 times, 2 s each)."""
   from jax._src import distributed
 
   address = distributed.global_state.coordinator_address or ""
   host, _, port = address.rpartition(":")
   if not port.isdigit():
     return False
-  for _ in range(10):
+  for _ in range(3):
     try:
-      socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
-    except OSError:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=2) as connection:
+        connection.sendall(_HTTP2_HELLO)
+        return bool(connection.recv(9))  # (b"": it closed the connection, as a dying server does)
+    except TimeoutError:
+      continue
+    except OSError:  # refused, reset: no one listens there any more
       return False
-    time.sleep(0.1)
-  return True
+  return False
 
 
 def settle() -> None:

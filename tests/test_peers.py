@@ -82,3 +82,36 @@ def test_the_launcher_ends_the_others_when_one_dies_and_names_it(tmp_path):
   for pid in children:
     assert not os.path.exists(f"/proc/{pid}"), "a process of the run is still there"
   assert (workdir / "logs" / "launch-1.log").exists() and not list(tmp_path.glob("launch-*.log"))
+
+
+def test_a_coordinator_counts_as_reachable_only_when_it_answers(monkeypatch):
+  """A SIGKILLed process 0's listening socket outlives its threads for a while and still takes
+  connections: only an answer to the HTTP/2 hello counts (a live gRPC server sends its SETTINGS)."""
+  import socket
+  import threading
+
+  from jax._src import distributed
+
+  from jaxlm import peers
+
+  def reachable(port):
+    monkeypatch.setattr(distributed.global_state, "coordinator_address", f"127.0.0.1:{port}")
+    return peers._coordinator_reachable()
+
+  with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, accepts nothing: a dying process
+    port = silent.getsockname()[1]
+    started = time.monotonic()
+    assert not reachable(port)
+    assert 5 < time.monotonic() - started < 10  # three tries of 2 s
+  started = time.monotonic()
+  assert not reachable(port) and time.monotonic() - started < 1  # closed: refused at once
+
+  with socket.create_server(("127.0.0.1", 0)) as server:
+    def answer():
+      connection, _ = server.accept()
+      connection.recv(64)
+      connection.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+      connection.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    assert reachable(server.getsockname()[1])
