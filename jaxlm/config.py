@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 
 import ml_collections
 
@@ -25,10 +26,12 @@ DEFAULT_RULES = (
     ("act_embed", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("layers", None),
 )
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -87,6 +90,8 @@ SCHEMA = (
     ("data.val_fraction", 0.1, FRACTION, "validation = the last fraction of a text file"),
     ("model.num_layers", 4, POSITIVE, "transformer blocks"),
     ("model.num_heads", 4, POSITIVE, "attention heads"),
+    ("model.num_kv_heads", 0, NON_NEGATIVE, "key/value heads of self-attention, dividing num_heads "
+     "(grouped-query; 1: multi-query); 0: num_heads"),
     ("model.width", 128, POSITIVE, "residual stream width (d_model)"),
     ("model.mlp_width", 512, POSITIVE, "hidden width of the MLP"),
     ("model.max_seq_len", 256, POSITIVE, "positions the model supports (learned table size, RoPE limit)"),
@@ -98,6 +103,15 @@ SCHEMA = (
     ("model.tie_embeddings", True, ANY, "the output projection is the input embedding"),
     ("model.use_bias", False, ANY, "biases in linear layers and norms"),
     ("model.dropout", 0.0, BELOW_ONE, "dropout rate in training"),
+    ("model.scan_layers", False, ANY, "the blocks' parameters stacked on a leading `layers` axis and "
+     "applied with lax.scan: compile time no longer grows with depth"),
+    ("model.remat", "none", ("none", "full", "save_dots", "save_projections"), "rematerialisation per "
+     "block: none | full (keep only each block's input, recompute the rest in the backward pass) | "
+     "save_dots (keep every matmul output) | save_projections (keep the weight matmuls' outputs, "
+     "recompute attention); on CPU it saves memory in a scanned stack only"),
+    ("model.attention", "einsum", ("einsum", "dot_product", "cudnn", "splash"), "attention: einsum "
+     "(jaxlm's) | dot_product (jax.nn.dot_product_attention, XLA) | cudnn (its cuDNN flash kernel, "
+     "NVIDIA GPUs, bf16) | splash (the Pallas TPU kernel)"),
     ("model.dtype", "float32", ("float32", "bfloat16"), "compute dtype of matmuls; parameters stay "
      "float32"),
     ("optim.lr", 1e-3, POSITIVE, "peak learning rate, reached at the end of warmup"),
@@ -125,6 +139,8 @@ SCHEMA = (
     ("train.sample_tokens", 200, NON_NEGATIVE, "tokens sampled from the model at the end of training; "
      "0: none"),
     ("train.sample_prompt", "\n", ANY, "the prompt of that sample"),
+    ("train.profile_steps", "", ANY, "START,STOP: a jax.profiler trace of steps START to STOP (as numbered "
+     "in metrics.jsonl) in WORKDIR/profile, for TensorBoard or XProf; empty: off"),
     ("mesh.data", -1, ANY, "data-parallel size (-1: all remaining devices)"),
     ("mesh.fsdp", 1, ANY, "FSDP size: parameters and optimizer state sharded over it"),
     ("mesh.tensor", 1, ANY, "tensor-parallel size: heads, MLP and vocabulary sharded over it"),
@@ -232,12 +248,45 @@ def _check_rules(rules) -> None:
                       "e.g. ('embed', 'fsdp'); see DEFAULT_RULES in jaxlm/config.py")
 
 
+ATTENTION_PLATFORMS = {"cudnn": ("gpu", "an NVIDIA GPU"), "splash": ("tpu", "a TPU")}
+
+
+def _check_attention(attention: str) -> None:
+  if attention in ATTENTION_PLATFORMS:
+    import jax
+
+    platform, name = ATTENTION_PLATFORMS[attention]
+    if jax.default_backend() != platform:
+      raise UserError(f"model.attention={attention} runs on {name}; this machine's JAX backend is "
+                      f"{jax.default_backend()}", "use model.attention=einsum or dot_product here")
+
+
+def profile_window(c: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """train.profile_steps as (START, STOP), the first and the last traced step; None when it is empty."""
+  text, steps = c.train.profile_steps, c.train.steps
+  if not text.strip():
+    return None
+  hint = (f"give START,STOP with 1 <= START < STOP <= train.steps={steps}, e.g. --config.train.profile_steps="
+          f"{min(2, steps - 1)},{min(5, steps)}" if steps > 1 else "a window needs train.steps of at least 2")
+  if not (numbers := re.fullmatch(r"\s*(-?\d+)\s*,\s*(-?\d+)\s*", text)):
+    raise UserError(f"train.profile_steps is {text!r}, not two step numbers START,STOP", hint)
+  start, stop = int(numbers[1]), int(numbers[2])
+  if start < 1:
+    raise UserError(f"train.profile_steps starts at step {start}; steps count from 1", hint)
+  if start >= stop:
+    raise UserError(f"train.profile_steps {text}: START {start} is not below STOP {stop}", hint)
+  if stop > steps:
+    raise UserError(f"train.profile_steps {text} ends after the last step, train.steps={steps}", hint)
+  return start, stop
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """Checks everything that can be checked before data or compile; returns the mesh shape."""
   check_keys(c)
   _check_domains(c)
   _check_rules(c.mesh.rules)
   check_utf8("train.sample_prompt", c.train.sample_prompt)
+  profile_window(c)
   m = c.model
   if c.optim.final_lr > c.optim.lr:
     raise UserError(f"optim.final_lr {c.optim.final_lr:g} is above the peak optim.lr {c.optim.lr:g}",
@@ -245,6 +294,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
   if m.width % m.num_heads:
     raise UserError(f"model.width {m.width} is not divisible by model.num_heads {m.num_heads}",
                     "choose a width that is a multiple of the number of heads")
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    raise UserError(f"model.num_kv_heads {m.num_kv_heads} does not divide model.num_heads {m.num_heads}",
+                    "choose a divisor of num_heads (1: multi-query), or 0 for one key/value head per head")
+  _check_attention(m.attention)
   if m.position == "rope" and (m.width // m.num_heads) % 2:
     raise UserError(f"RoPE needs an even head width, got {m.width // m.num_heads}",
                     "change model.width or model.num_heads, or set model.position=learned")
@@ -266,6 +319,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
     if size % tensor:
       raise UserError(f"{name} {size} is not divisible by mesh.tensor {tensor}",
                       "choose a tensor-parallel size that divides it")
+  kv_heads = m.num_kv_heads or m.num_heads
+  if kv_heads % tensor and dict(c.mesh.rules).get("kv_heads"):
+    raise UserError(f"model.num_kv_heads {kv_heads} is not divisible by mesh.tensor {tensor}",
+                    "choose a tensor-parallel size that divides it, or replicate the key/value heads: give "
+                    "mesh.rules with ('kv_heads', None)")
   if m.width % fsdp:
     raise UserError(f"model.width {m.width} is not divisible by mesh.fsdp {fsdp}",
                     "choose an FSDP size that divides the width")
@@ -289,7 +347,8 @@ def resolved(c: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, l
 
 # Keys that change the shapes of the parameters (or what they mean): a workdir's checkpoints only
 # fit a config that agrees on them. Everything else (mesh, steps, learning rate...) may change on resume.
-SHAPE_KEYS = ("objective", "model.num_layers", "model.num_heads", "model.width", "model.mlp_width",
+SHAPE_KEYS = ("objective", "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.width",
+              "model.mlp_width", "model.scan_layers",
               "model.max_seq_len", "model.vocab_size", "model.position", "model.norm", "model.mlp",
               "model.tie_embeddings", "model.use_bias")
 

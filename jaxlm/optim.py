@@ -6,6 +6,7 @@ Weight decay skips vectors (norm scales, biases): decaying them pulls norms towa
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 
 def warmup_cosine_schedule(lr: float, final_lr: float, warmup_steps: int, total_steps: int):
@@ -24,8 +25,12 @@ def warmup_cosine_schedule(lr: float, final_lr: float, warmup_steps: int, total_
 
 
 def decay_mask(params):
-  """True for the matrices that get weight decay, False for vectors (norms and biases)."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for the matrices that get weight decay, False for vectors (norms and biases). A scanned
+  stack's parameters have a leading `layers` axis (their logical names say so), which does not count."""
+  def decayed(p) -> bool:
+    names = p.get_metadata().get("out_sharding") if isinstance(p, nnx.Variable) else None
+    return p.ndim - (names is not None and "layers" in names) >= 2
+  return jax.tree.map(decayed, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -187,6 +187,13 @@ def test_other_bad_values(capsys, tmp_path, override, fragment):
     (("--config.mesh.data=1", "--config.mesh.tensor=8"), "model.num_heads 4 is not divisible by mesh.tensor 8"),
     (("--config.model.width=132", "--config.model.position=learned", "--config.mesh.data=1",
       "--config.mesh.fsdp=8"), "model.width 132 is not divisible by mesh.fsdp 8"),
+    (("--config.model.num_heads=8", "--config.model.num_kv_heads=3"),
+     "model.num_kv_heads 3 does not divide model.num_heads 8"),
+    (("--config.model.num_heads=8", "--config.model.num_kv_heads=2", "--config.mesh.data=2", "--config.mesh.tensor=4"),
+     "model.num_kv_heads 2 is not divisible by mesh.tensor 4"),
+    (("--config.model.attention=cudnn",), "model.attention=cudnn runs on an NVIDIA GPU; this machine's JAX backend is cpu"),
+    (("--config.model.attention=splash",), "model.attention=splash runs on a TPU"),
+    (("--config.model.remat=some",), "model.remat"),
 ])
 def test_shapes_the_mesh_cannot_split(capsys, tmp_path, overrides, fragment):
   assert_one_line_error(*train(capsys, tmp_path, *overrides), fragment)

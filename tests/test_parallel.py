@@ -56,6 +56,11 @@ def _model_config(config):
   return ModelConfig.from_config(config.model, 384)
 
 
+# Variants of clm that must shard the same way: grouped-query attention (8 query heads, 4 key/value heads,
+# so that (1, 2, 4)'s tensor axis divides both) and jax.nn.dot_product_attention.
+VARIANTS = {"clm+gqa": {"num_heads": 8, "num_kv_heads": 4}, "clm+dot_product": {"attention": "dot_product"}}
+
+
 def mesh_test_config(objective="clm"):
   # Adam divides by sqrt(v) + eps: where a gradient is ~1e-9 (e.g. unused vocabulary rows), a
   # reduction-order rounding difference becomes an lr-sized update difference (measured: 3.2e-6 on
@@ -63,7 +68,9 @@ def mesh_test_config(objective="clm"):
   # well-conditioned so that the bound below tests the sharding, not Adam's conditioning.
   c = tiny_config()
   c.optim.eps = 1e-5
-  c.objective = objective
+  c.objective = objective.partition("+")[0]
+  for key, value in VARIANTS.get(objective, {}).items():
+    setattr(c.model, key, value)
   return c
 
 
@@ -79,7 +86,7 @@ def reference():
 
 # (seq2seq stands for both encoder-decoder objectives: the same model, with packed examples' masks; span's
 # host-side corruption is mesh-independent by construction and tested in test_spans.py.)
-@pytest.mark.parametrize("objective", ["clm", "mlm", "seq2seq"])
+@pytest.mark.parametrize("objective", ["clm", "mlm", "seq2seq", *VARIANTS])
 @pytest.mark.parametrize("shape", MESHES[1:])
 def test_three_steps_give_the_same_losses_and_parameters_on_every_mesh(reference, shape, objective):
   ref_losses, ref_params, _ = reference(objective)
@@ -89,6 +96,8 @@ def test_three_steps_give_the_same_losses_and_parameters_on_every_mesh(reference
     np.testing.assert_allclose(got, want, atol=1e-6)
   # the parameters really are laid out over the mesh, not replicated
   blocks = state.params["decoder" if objective in ("span", "seq2seq") else "blocks"]
+  if "gqa" in objective:  # (key/value heads: over tensor too)
+    assert blocks[0]["attn"]["kv"][...].addressable_shards[0].data.shape == (64 // shape[1], 2, 4 // shape[2], 8)
   up = blocks[0]["mlp"]["up"][...]
   data, fsdp, tensor = shape
   assert up.addressable_shards[0].data.shape == (64 // fsdp, 128 // tensor)

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models.layers import attention_mask
+from jaxlm.models.layers import Mask, attention_mask
 from jaxlm.models.transformer import ModelConfig, Trunk, default_positions
 
 
@@ -28,17 +28,23 @@ class GPT(Trunk):
     t = tokens_BxT.shape[1]
     if positions_BxT is None:
       positions_BxT = default_positions(t)
-    if kv_cache is None:
-      mask_Bx1xTxS = attention_mask(t, segment_ids_BxT, causal=True)
-    else:
-      s = kv_cache[0][0].shape[2]
-      mask_Bx1xTxS = jnp.arange(s)[None, None, None, :] <= positions_BxT[:, None, :, None]
-    logits_BxTxV, caches = self.forward(tokens_BxT, mask_Bx1xTxS, positions_BxT, dropout_key, kv_cache)
+    logits_BxTxV, caches = self.forward(tokens_BxT, causal_mask(t, segment_ids_BxT, positions_BxT, kv_cache),
+                                        positions_BxT, dropout_key, kv_cache)
     return logits_BxTxV if kv_cache is None else (logits_BxTxV, caches)
 
 
+def causal_mask(t: int, segment_ids_BxT, positions_BxT, kv_cache) -> Mask:
+  """Causal self-attention within each document; with a KV cache, every cached position up to the
+  query's own."""
+  if kv_cache is None:
+    return Mask(attention_mask(t, segment_ids_BxT, causal=True), segment_ids_BxT)
+  s = kv_cache[0][0].shape[2]
+  return Mask(jnp.arange(s)[None, None, None, :] <= positions_BxT[:, None, :, None])
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[tuple[jax.Array, jax.Array]]:
-  """An empty KV cache for `batch` rows of up to `length` positions: (keys, values) per layer."""
+  """An empty KV cache for `batch` rows of up to `length` positions: (keys, values) per layer, each of
+  the model's key/value heads (fewer than its heads with grouped-query attention)."""
   head_dim = cfg.width // cfg.num_heads
-  shape = (batch, cfg.num_heads, length, head_dim)
+  shape = (batch, cfg.kv_heads, length, head_dim)
   return [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(cfg.num_layers)]

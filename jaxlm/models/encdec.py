@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.models.layers import Block, Norm, attention_mask, param
-from jaxlm.models.transformer import (INIT_STD, ModelConfig, default_positions, embed_tokens, layer_keys,
-                                      output_logits, run_blocks)
+from jaxlm.models import stack
+from jaxlm.models.decoder import causal_mask
+from jaxlm.models.layers import Block, Mask, Norm, attention_mask, param
+from jaxlm.models.transformer import INIT_STD, ModelConfig, default_positions, embed_tokens, layer_keys, output_logits
 
 
 def cross_mask(target_segment_ids_BxT: jax.Array | None, input_segment_ids_BxS: jax.Array | None,
@@ -48,9 +49,10 @@ class EncoderDecoder(nnx.Module):
     # Output projections scaled by sqrt(residual branches): 2 per encoder block, 3 per decoder block.
     enc_std, dec_std = INIT_STD / math.sqrt(2 * cfg.num_layers), INIT_STD / math.sqrt(3 * cfg.num_layers)
     self.embed = param(rngs.params(), (cfg.vocab_size, cfg.width), INIT_STD, ("vocab", "embed"))
-    self.encoder = nnx.List([Block(cfg, INIT_STD, enc_std, rngs) for _ in range(cfg.num_layers)])
+    n, scan = cfg.num_layers, cfg.scan_layers
+    self.encoder = stack.make_blocks(lambda: Block(cfg, INIT_STD, enc_std, rngs), n, scan)
     self.encoder_norm = Norm(cfg.width, cfg.norm)
-    self.decoder = nnx.List([Block(cfg, INIT_STD, dec_std, rngs, cross=True) for _ in range(cfg.num_layers)])
+    self.decoder = stack.make_blocks(lambda: Block(cfg, INIT_STD, dec_std, rngs, cross=True), n, scan)
     self.final_norm = Norm(cfg.width, cfg.norm)
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs.params(), (cfg.width, cfg.vocab_size), INIT_STD, ("embed", "vocab")))
@@ -63,8 +65,9 @@ class EncoderDecoder(nnx.Module):
     keys = layer_keys(dropout_key, 2)
     enc_BxSxD = self.encode(inputs_BxS, input_segment_ids, input_positions, keys[0])
     mask = cross_mask(target_segment_ids, input_segment_ids, inputs_BxS.shape[1])
-    return self.decode(decoder_inputs_BxT, self.cross_keys_values(enc_BxSxD), mask,
-                       segment_ids_BxT=target_segment_ids, positions_BxT=target_positions, dropout_key=keys[1])
+    # (Each decoder block projects the encoder's output to its keys and values as it runs.)
+    return self.decode(decoder_inputs_BxT, enc_BxSxD, mask, segment_ids_BxT=target_segment_ids,
+                       positions_BxT=target_positions, dropout_key=keys[1])
 
   def encode(self, tokens_BxS: jax.Array, segment_ids_BxS: jax.Array | None = None,
              positions_BxS: jax.Array | None = None, dropout_key=None) -> jax.Array:
@@ -73,19 +76,21 @@ class EncoderDecoder(nnx.Module):
     positions_BxS = default_positions(s) if positions_BxS is None else positions_BxS
     keys = layer_keys(dropout_key, self.cfg.num_layers + 1)
     x_BxSxD = embed_tokens(self.embed, tokens_BxS, self.cfg, keys[-1])
-    mask_Bx1xSxS = attention_mask(s, segment_ids_BxS, causal=False)
-    x_BxSxD, _ = run_blocks(self.encoder, x_BxSxD, keys[:-1], mask_Bx1xSxS, positions_BxS)
+    mask = Mask(attention_mask(s, segment_ids_BxS, causal=False), segment_ids_BxS, causal=False)
+    x_BxSxD, _ = stack.run(self.encoder, self.cfg.num_layers, self.cfg.remat, x_BxSxD, keys[:-1], mask,
+                           positions_BxS)
     return self.encoder_norm(x_BxSxD)
 
   def cross_keys_values(self, enc_BxSxD: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
     """Every decoder block's cross-attention keys and values of an encoded input: computed once per
     input, reused at every decoded token."""
-    return [block.cross_attn.keys_values(enc_BxSxD) for block in self.decoder]
+    return [block.cross_attn.keys_values(enc_BxSxD) for block in stack.each_layer(self.decoder, self.cfg.num_layers)]
 
-  def decode(self, tokens_BxT: jax.Array, cross_kv: list, cross_mask_Bx1xTxS: jax.Array, *,
+  def decode(self, tokens_BxT: jax.Array, cross_kv, cross_mask_Bx1xTxS: jax.Array, *,
              segment_ids_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None,
              dropout_key=None, kv_cache: list | None = None):
-    """Logits of the decoder over `tokens_BxT`, given the encoded input's keys and values.
+    """Logits of the decoder over `tokens_BxT`, given the encoded input's keys and values
+    (`cross_keys_values`), or the encoded input itself, which each block then projects.
 
     With `kv_cache` (from models.decoder.init_cache), the tokens are the next ones of each row at
     `positions_BxT`, written into the self-attention cache; returns (logits, updated cache), as the
@@ -93,15 +98,10 @@ class EncoderDecoder(nnx.Module):
     """
     t = tokens_BxT.shape[1]
     positions_BxT = default_positions(t) if positions_BxT is None else positions_BxT
-    if kv_cache is None:
-      mask_Bx1xTxT = attention_mask(t, segment_ids_BxT, causal=True)
-    else:
-      cached = kv_cache[0][0].shape[2]
-      mask_Bx1xTxT = jnp.arange(cached)[None, None, None, :] <= positions_BxT[:, None, :, None]
     keys = layer_keys(dropout_key, self.cfg.num_layers + 1)
     x_BxTxD = embed_tokens(self.embed, tokens_BxT, self.cfg, keys[-1])
-    cross = [(kv, cross_mask_Bx1xTxS) for kv in cross_kv]
-    x_BxTxD, caches = run_blocks(self.decoder, x_BxTxD, keys[:-1], mask_Bx1xTxT, positions_BxT, kv_cache,
-                                 cross)
+    mask = causal_mask(t, segment_ids_BxT, positions_BxT, kv_cache)
+    x_BxTxD, caches = stack.run(self.decoder, self.cfg.num_layers, self.cfg.remat, x_BxTxD, keys[:-1], mask,
+                                positions_BxT, kv_cache, (cross_kv, cross_mask_Bx1xTxS))
     logits_BxTxV = output_logits(self.final_norm(x_BxTxD), self.embed, self.lm_head, self.cfg.dtype)
     return logits_BxTxV if kv_cache is None else (logits_BxTxV, caches)

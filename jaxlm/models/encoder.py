@@ -7,7 +7,7 @@ nothing. Logits are over the vocabulary at every position (masked-token predicti
 
 import jax
 
-from jaxlm.models.layers import attention_mask
+from jaxlm.models.layers import Mask, attention_mask
 from jaxlm.models.transformer import Trunk, default_positions
 
 
@@ -21,5 +21,5 @@ class Encoder(Trunk):
     t = tokens_BxT.shape[1]
     if positions_BxT is None:
       positions_BxT = default_positions(t)
-    mask_Bx1xTxS = attention_mask(t, segment_ids_BxT, causal=False)
-    return self.forward(tokens_BxT, mask_Bx1xTxS, positions_BxT, dropout_key)[0]
+    mask = Mask(attention_mask(t, segment_ids_BxT, causal=False), segment_ids_BxT, causal=False)
+    return self.forward(tokens_BxT, mask, positions_BxT, dropout_key)[0]

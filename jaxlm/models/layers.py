@@ -7,6 +7,7 @@ Parameters are float32 and carry logical axis names; `dtype` is the compute dtyp
 import functools
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -111,54 +112,123 @@ def attention_mask(t: int, segment_ids_BxT: jax.Array | None, causal: bool = Tru
   return causal_1x1xTxT & same_Bx1xTxT if causal else same_Bx1xTxT
 
 
+@flax.struct.dataclass
+class Mask:
+  """Which keys each query sees: the dense boolean mask (B or 1, 1, T, S) every implementation can use,
+  and what it was made of (causal, the segment ids of a packed row), which fused kernels take instead."""
+
+  dense: jax.Array
+  segment_ids: jax.Array | None = None
+  causal: bool = flax.struct.field(pytree_node=False, default=True)
+
+
 class Attention(nnx.Module):
-  """Multi-head self-attention with fused QKV under a given mask (causal, per document); softmax in float32."""
+  """Multi-head self-attention under a given mask (causal, per document); softmax in float32.
+
+  With `num_kv_heads` below `num_heads` it is grouped-query attention: each key/value head serves
+  num_heads / num_kv_heads query heads (1: multi-query), and the KV cache holds num_kv_heads heads.
+  Multi-head attention keeps one fused (D, 3, H, K) projection; grouped-query has a query (D, H, K) and
+  a key/value (D, 2, G, K) projection.
+  """
 
   def __init__(self, cfg, init_std: float, out_std: float, rngs: nnx.Rngs):
-    d, h = cfg.width, cfg.num_heads
-    self.dtype, self.position, self.rope_base = cfg.dtype, cfg.position, cfg.rope_base
-    self.qkv = param(rngs.params(), (d, 3, h, d // h), init_std, ("embed", None, "heads", "kv"))
+    d, h, g = cfg.width, cfg.num_heads, cfg.kv_heads
+    self.dtype, self.position, self.rope_base, self.impl = cfg.dtype, cfg.position, cfg.rope_base, cfg.attention
+    if g == h:
+      self.qkv = param(rngs.params(), (d, 3, h, d // h), init_std, ("embed", None, "heads", "kv"))
+      self.qkv_bias = param(None, (3, h, d // h), 0, (None, "heads", "kv")) if cfg.use_bias else None
+    else:
+      self.q = param(rngs.params(), (d, h, d // h), init_std, ("embed", "heads", "kv"))
+      self.kv = param(rngs.params(), (d, 2, g, d // h), init_std, ("embed", None, "kv_heads", "kv"))
+      self.q_bias = param(None, (h, d // h), 0, ("heads", "kv")) if cfg.use_bias else None
+      self.kv_bias = param(None, (2, g, d // h), 0, (None, "kv_heads", "kv")) if cfg.use_bias else None
     self.out = param(rngs.params(), (h, d // h, d), out_std, ("heads", "kv", "embed"))
-    self.qkv_bias = param(None, (3, h, d // h), 0, (None, "heads", "kv")) if cfg.use_bias else None
     self.out_bias = param(None, (d,), 0, ("embed",)) if cfg.use_bias else None
 
-  def __call__(self, x_BxTxD: jax.Array, mask_Bx1xTxS: jax.Array, positions_BxT: jax.Array,
+  def _project(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries (B, H, T, K), keys and values (B, G, T, K)."""
+    # Heads-major (3, B, H, T, K) keeps every attention product a plain batched matmul over (B, H),
+    # which XLA CPU runs in bf16 (it has no bf16 kernel for some other layouts of the same products).
+    if hasattr(self, "qkv"):
+      qkv_3xBxHxTxK = _with_bias(matmul("btd,dchk->cbhtk", x_BxTxD, self.qkv[...], self.dtype), self.qkv_bias)
+      qkv_3xBxHxTxK = constrain(qkv_3xBxHxTxK, (None, "batch", "heads", "seq", None))
+      return qkv_3xBxHxTxK[0], qkv_3xBxHxTxK[1], qkv_3xBxHxTxK[2]
+    q_BxHxTxK = _with_bias(matmul("btd,dhk->bhtk", x_BxTxD, self.q[...], self.dtype), self.q_bias)
+    kv_2xBxGxTxK = _with_bias(matmul("btd,dcgk->cbgtk", x_BxTxD, self.kv[...], self.dtype), self.kv_bias)
+    kv_2xBxGxTxK = constrain(kv_2xBxGxTxK, (None, "batch", "kv_heads", "seq", None))
+    return constrain(q_BxHxTxK, ("batch", "heads", "seq", None)), kv_2xBxGxTxK[0], kv_2xBxGxTxK[1]
+
+  def __call__(self, x_BxTxD: jax.Array, mask: Mask, positions_BxT: jax.Array,
                cache: tuple[jax.Array, jax.Array] | None = None):
     """-> (output, updated cache). Without a cache, keys are the T positions themselves (S = T).
 
-    With a KV cache (keys, values), each (B, H, S, K), this call's keys and values are written at its
+    With a KV cache (keys, values), each (B, G, S, K), this call's keys and values are written at its
     positions (contiguous in each row, from positions_BxT[:, 0]) and the queries attend over the cache.
     """
-    # Heads-major (3, B, H, T, K) keeps every attention product a plain batched matmul over (B, H),
-    # which XLA CPU runs in bf16 (it has no bf16 kernel for some other layouts of the same products).
-    qkv_3xBxHxTxK = matmul("btd,dchk->cbhtk", x_BxTxD, self.qkv[...], self.dtype)
-    if self.qkv_bias is not None:
-      qkv_3xBxHxTxK = qkv_3xBxHxTxK + self.qkv_bias[...][:, None, :, None, :]
-    qkv_3xBxHxTxK = constrain(qkv_3xBxHxTxK, (None, "batch", "heads", "seq", None))
-    q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = qkv_3xBxHxTxK[0], qkv_3xBxHxTxK[1], qkv_3xBxHxTxK[2]
+    q_BxHxTxK, k_BxGxTxK, v_BxGxTxK = self._project(x_BxTxD)
     if self.position == "rope":
       q_BxHxTxK = rope(q_BxHxTxK, self.rope_base, positions_BxT)
-      k_BxHxTxK = rope(k_BxHxTxK, self.rope_base, positions_BxT)
+      k_BxGxTxK = rope(k_BxGxTxK, self.rope_base, positions_BxT)
     if cache is not None:
       starts_B = positions_BxT[:, 0]
-      cache = (_write_rows(cache[0], k_BxHxTxK, starts_B), _write_rows(cache[1], v_BxHxTxK, starts_B))
-      k_BxHxSxK, v_BxHxSxK = cache
+      cache = (_write_rows(cache[0], k_BxGxTxK, starts_B), _write_rows(cache[1], v_BxGxTxK, starts_B))
+      k_BxGxSxK, v_BxGxSxK = cache
     else:
-      k_BxHxSxK, v_BxHxSxK = k_BxHxTxK, v_BxHxTxK
-    y_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xTxS, self.dtype)
+      k_BxGxSxK, v_BxGxSxK = k_BxGxTxK, v_BxGxTxK
+    impl = self.impl if cache is None else "einsum"  # (decoding: one query over the cache)
+    y_BxHxTxK = attend(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, mask, self.dtype, impl)
     return _project_out(y_BxHxTxK, self.out, self.out_bias, self.dtype), cache
 
 
-def attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xTxS, dtype: str) -> jax.Array:
+def _with_bias(x: jax.Array, bias: nnx.Param | None) -> jax.Array:
+  """x (C.., B, H, T, K) plus a (C.., H, K) bias, broadcast over batch and time."""
+  if bias is None:
+    return x
+  b = bias[...]
+  return x + b.reshape(*b.shape[:-2], 1, b.shape[-2], 1, b.shape[-1])
+
+
+def attend(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, mask: Mask, dtype: str, impl: str = "einsum") -> jax.Array:
   """Scaled dot-product attention of T queries over S keys where the mask allows; softmax in float32.
+  G key/value heads serve H query heads (G divides H; query head h uses key/value head h // (H/G)).
 
   A query whose keys are all masked (padding) gets the mean of the values, never NaN.
+  impl: einsum (below) | dot_product / cudnn (jax.nn.dot_product_attention) | splash (the Pallas TPU
+  kernel, kernels.py).
   """
-  q_BxHxTxK = q_BxHxTxK / math.sqrt(q_BxHxTxK.shape[-1])
-  scores_BxHxTxS = matmul("bhqk,bhsk->bhqs", q_BxHxTxK, k_BxHxSxK, dtype)
-  scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, jnp.finfo(F32).min)
-  probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
-  return matmul("bhqs,bhsk->bhqk", probs_BxHxTxS, v_BxHxSxK, dtype)
+  if impl != "einsum":
+    return _fused_attention(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, mask, dtype, impl)
+  b, h, t, k = q_BxHxTxK.shape
+  g = k_BxGxSxK.shape[1]
+  q_BxHxTxK = q_BxHxTxK / math.sqrt(k)
+  if g == h:
+    scores_BxHxTxS = matmul("bhqk,bhsk->bhqs", q_BxHxTxK, k_BxGxSxK, dtype)
+    scores_BxHxTxS = jnp.where(mask.dense, scores_BxHxTxS, jnp.finfo(F32).min)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+    return matmul("bhqs,bhsk->bhqk", probs_BxHxTxS, v_BxGxSxK, dtype)
+  q_BxGxRxTxK = q_BxHxTxK.reshape(b, g, h // g, t, k)
+  scores_BxGxRxTxS = matmul("bgrqk,bgsk->bgrqs", q_BxGxRxTxK, k_BxGxSxK, dtype)
+  scores_BxGxRxTxS = jnp.where(mask.dense[:, :, None], scores_BxGxRxTxS, jnp.finfo(F32).min)
+  probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
+  return matmul("bgrqs,bgsk->bgrqk", probs_BxGxRxTxS, v_BxGxSxK, dtype).reshape(b, h, t, k)
+
+
+def _fused_attention(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, mask: Mask, dtype: str, impl: str) -> jax.Array:
+  """jax.nn.dot_product_attention (XLA's, or cuDNN's flash kernel), or the Pallas splash kernel."""
+  if impl == "splash":
+    from jaxlm.models import kernels
+
+    return kernels.splash_attention(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, causal=mask.causal,
+                                    segment_ids_BxT=mask.segment_ids).astype(F32)
+  compute = BF16 if dtype == "bfloat16" or impl == "cudnn" else F32
+  q_BxTxHxK, k_BxSxGxK, v_BxSxGxK = (x.swapaxes(1, 2).astype(compute) for x in (q_BxHxTxK, k_BxGxSxK, v_BxGxSxK))
+  if impl == "cudnn" and mask.causal and mask.segment_ids is None and q_BxTxHxK.shape[1] == k_BxSxGxK.shape[1]:
+    y_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, is_causal=True,
+                                             implementation="cudnn")
+  else:
+    y_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask.dense,
+                                             implementation="cudnn" if impl == "cudnn" else "xla")
+  return y_BxTxHxK.swapaxes(1, 2).astype(F32)
 
 
 def _project_out(y_BxHxTxK, out: nnx.Param, out_bias: nnx.Param | None, dtype: str) -> jax.Array:
@@ -187,18 +257,15 @@ class CrossAttention(nnx.Module):
 
   def keys_values(self, enc_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The encoder output's keys and values, each (B, H, S, K)."""
-    kv_2xBxHxSxK = matmul("bsd,dchk->cbhsk", enc_BxSxD, self.kv[...], self.dtype)
-    if self.kv_bias is not None:
-      kv_2xBxHxSxK = kv_2xBxHxSxK + self.kv_bias[...][:, None, :, None, :]
+    kv_2xBxHxSxK = _with_bias(matmul("bsd,dchk->cbhsk", enc_BxSxD, self.kv[...], self.dtype), self.kv_bias)
     kv_2xBxHxSxK = constrain(kv_2xBxHxSxK, (None, "batch", "heads", "seq", None))
     return kv_2xBxHxSxK[0], kv_2xBxHxSxK[1]
 
   def __call__(self, x_BxTxD: jax.Array, kv: tuple[jax.Array, jax.Array], mask_Bx1xTxS: jax.Array):
-    q_BxHxTxK = matmul("btd,dhk->bhtk", x_BxTxD, self.q[...], self.dtype)
-    if self.q_bias is not None:
-      q_BxHxTxK = q_BxHxTxK + self.q_bias[...][None, :, None, :]
+    q_BxHxTxK = _with_bias(matmul("btd,dhk->bhtk", x_BxTxD, self.q[...], self.dtype), self.q_bias)
     q_BxHxTxK = constrain(q_BxHxTxK, ("batch", "heads", "seq", None))
-    y_BxHxTxK = attend(q_BxHxTxK, kv[0], kv[1], mask_Bx1xTxS, self.dtype)
+    # (Always jaxlm's einsum: the fused kernels' masks are self-attention's.)
+    y_BxHxTxK = attend(q_BxHxTxK, kv[0], kv[1], Mask(mask_Bx1xTxS, causal=False), self.dtype)
     return _project_out(y_BxHxTxK, self.out, self.out_bias, self.dtype)
 
 
@@ -247,15 +314,17 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg.width, cfg.norm)
     self.mlp = MLP(cfg, init_std, out_std, rngs)
 
-  def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None, mask_Bx1xTxS: jax.Array,
+  def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None, mask: Mask,
                positions_BxT: jax.Array, cache=None, cross=None):
-    """-> (output, updated KV cache or None). `cross`: (encoder keys and values, cross mask)."""
+    """-> (output, updated KV cache or None). `cross`: (this block's encoder keys and values, or the
+    encoder's output (B, S, D) to project here; the cross mask)."""
     keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-    attn_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), mask_Bx1xTxS, positions_BxT, cache)
+    attn_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), mask, positions_BxT, cache)
     x_BxTxD = x_BxTxD + dropout(attn_BxTxD, self.dropout_rate, keys[0])
     x_BxTxD = constrain(x_BxTxD, ("batch", "seq", "act_embed"))
     if cross is not None:
       kv, cross_mask_Bx1xTxS = cross
+      kv = kv if isinstance(kv, tuple) else self.cross_attn.keys_values(kv)
       cross_key = jax.random.fold_in(dropout_key, 2) if dropout_key is not None else None
       cross_BxTxD = self.cross_attn(self.cross_norm(x_BxTxD), kv, cross_mask_Bx1xTxS)
       x_BxTxD = constrain(x_BxTxD + dropout(cross_BxTxD, self.dropout_rate, cross_key),

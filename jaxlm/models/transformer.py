@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.models.layers import Block, Norm, dropout, matmul, param
+from jaxlm.models import stack
+from jaxlm.models.layers import Block, Mask, Norm, dropout, matmul, param
 from jaxlm.parallel import constrain
 
 INIT_STD = 0.02  # GPT-2's init
@@ -25,6 +26,7 @@ class ModelConfig:
   vocab_size: int
   num_layers: int = 4
   num_heads: int = 4
+  num_kv_heads: int = 0  # 0: num_heads
   width: int = 128
   mlp_width: int = 512
   max_seq_len: int = 256
@@ -36,6 +38,13 @@ class ModelConfig:
   use_bias: bool = False
   dropout: float = 0.0
   dtype: str = "float32"
+  scan_layers: bool = False
+  remat: str = "none"
+  attention: str = "einsum"
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int) -> "ModelConfig":
@@ -57,18 +66,19 @@ class Trunk(nnx.Module):
     self.embed = param(rngs.params(), (cfg.vocab_size, cfg.width), INIT_STD, ("vocab", "embed"))
     self.pos_embed = (param(rngs.params(), (cfg.max_seq_len, cfg.width), INIT_STD, (None, "embed"))
                       if cfg.position == "learned" else None)
-    self.blocks = nnx.List([Block(cfg, INIT_STD, out_std, rngs) for _ in range(cfg.num_layers)])
+    self.blocks = stack.make_blocks(lambda: Block(cfg, INIT_STD, out_std, rngs), cfg.num_layers, cfg.scan_layers)
     self.final_norm = Norm(cfg.width, cfg.norm)
     # Tied weights: the output layer reuses the input embedding (fewer parameters, and helps small models).
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs.params(), (cfg.width, cfg.vocab_size), INIT_STD, ("embed", "vocab")))
 
-  def forward(self, tokens_BxT: jax.Array, mask_Bx1xTxS: jax.Array, positions_BxT: jax.Array,
+  def forward(self, tokens_BxT: jax.Array, mask: Mask, positions_BxT: jax.Array,
               dropout_key: jax.Array | None, caches: list | None = None):
     """(logits (float32, B x T x V), the blocks' updated KV caches or None)."""
     keys = layer_keys(dropout_key, self.cfg.num_layers + 1)
     x_BxTxD = embed_tokens(self.embed, tokens_BxT, self.cfg, keys[-1], self.pos_embed, positions_BxT)
-    x_BxTxD, new_caches = run_blocks(self.blocks, x_BxTxD, keys[:-1], mask_Bx1xTxS, positions_BxT, caches)
+    x_BxTxD, new_caches = stack.run(self.blocks, self.cfg.num_layers, self.cfg.remat, x_BxTxD, keys[:-1], mask,
+                                    positions_BxT, caches)
     logits_BxTxV = output_logits(self.final_norm(x_BxTxD), self.embed, self.lm_head, self.cfg.dtype)
     return logits_BxTxV, (new_caches if caches is not None else None)
 
@@ -85,18 +95,6 @@ def embed_tokens(embed: nnx.Param, tokens_BxT: jax.Array, cfg: ModelConfig, drop
   if pos_embed is not None:
     x_BxTxD = x_BxTxD + jnp.take(pos_embed[...], positions_BxT, axis=0)
   return constrain(dropout(x_BxTxD, cfg.dropout, dropout_key), ("batch", "seq", "act_embed"))
-
-
-def run_blocks(blocks, x_BxTxD: jax.Array, keys: list, mask_Bx1xTxS: jax.Array, positions_BxT: jax.Array,
-               caches: list | None = None, cross: list | None = None) -> tuple[jax.Array, list]:
-  """The stack of blocks in order; returns the output and each block's updated KV cache (or None).
-  `cross`: per block, (encoder keys and values, cross mask) for an encoder-decoder's decoder."""
-  new_caches = []
-  for i, block in enumerate(blocks):
-    x_BxTxD, cache = block(x_BxTxD, keys[i], mask_Bx1xTxS, positions_BxT, caches[i] if caches else None,
-                           cross[i] if cross else None)
-    new_caches.append(cache)
-  return x_BxTxD, new_caches
 
 
 def output_logits(x_BxTxD: jax.Array, embed: nnx.Param, lm_head: nnx.Param | None, dtype: str) -> jax.Array:
