@@ -19,16 +19,19 @@ from flax import nnx
 
 from jaxlm import files, objectives
 from jaxlm.checkpoint import Checkpoints, abstract_like, load_params, resolve_checkpoint
-from jaxlm.config import resolved, resume_changes, to_json, validate
+from jaxlm.config import profile_window, resolved, resume_changes, to_json, validate
 from jaxlm.data.text import Corpus, first_row, load_data
 from jaxlm.data.tokenizer import padded_vocab_size, save_tokenizer
 from jaxlm.errors import RunFailed, UserError
 from jaxlm.evaluate import Evaluator
-from jaxlm.metrics import MetricsLog, Progress, flops_per_token, param_count
+from jaxlm.flops import model_flops_per_token
+from jaxlm.hardware import peak_flops_per_device
+from jaxlm.metrics import MetricsLog, Progress, flops_per_token, param_count, si
 from jaxlm.models.transformer import ModelConfig
 from jaxlm.objectives.base import TRAIN_STREAM, VAL_STREAM, with_article
 from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
 from jaxlm.preemption import StopSignals, stop_requested
+from jaxlm.profiling import StepProfiler
 from jaxlm.samples import end_sample
 from jaxlm.train import compile_steps, plan_train_state
 from jaxlm.watchdog import Watchdog
@@ -194,17 +197,31 @@ class Trainer:
                               "(raise --config.train.steps to train on; `jaxlm sample` and `jaxlm eval` "
                               "use it as it is)")
         return {"finished_at": start}
+      self.model_flops, self.peak = self.model_and_peak_flops()
       self.train, self.eval_step = compile_steps(self.setup, self.shardings, self.sharding)
       self.evaluator, self.val_rows = self.validation()
       self.watchdog = Watchdog(self.config.train.step_timeout, jax.process_count() > 1,
                                self.config.train.eval_batches)
+      self.profiler = StepProfiler(profile_window(self.config), self.workdir, self.progress.message)
       try:
         state, stopped_at = self.steps(state)
       finally:
+        self.profiler.stop(self.watchdog)  # (a trace still open: the run stopped or failed inside the window)
         self.watchdog.stop()
     finally:
       self.checkpoints.close()  # pending saves are committed, also when the run stops with an error
     return self.finish(state, stopped_at)
+
+  def model_and_peak_flops(self) -> tuple[float, float]:
+    """The model's training FLOPs per token (flops.py: 6N + attention) and a device's peak FLOP/s (0 when
+    unknown), for MFU; says both in one line."""
+    data, objective = self.config.data, self.objective
+    target_len = objective.decoder_len(data) if objective.family == "encoder-decoder" else 0
+    per_token = model_flops_per_token(self.model_config, objective.family, data.seq_len, target_len)
+    peak, source = peak_flops_per_device(jax.devices()[0])
+    about = f"peak {si(peak)}FLOP/s per device ({source})" if peak > 0 else f"no mfu: peak {source}"
+    self.progress.message(f"model: {si(per_token)}FLOPs per token (6N + attention); {about}")
+    return per_token, peak
 
   def validation(self) -> tuple[Evaluator, list]:
     """The evaluator of the loop (the objective's VAL stream) and its fixed validation rows."""
@@ -254,8 +271,11 @@ class Trainer:
     """Steps from the state's step to train.steps; returns (state, the step a stop signal ended at)."""
     previous = None  # metrics of the step dispatched before this one
     for step in range(int(state.step), self.policy.steps):
+      done, policy = step + 1, self.policy
+      self.profiler.before(done)
       self.last_batch = batch = to_global_batch(next(self.data), self.sharding)
-      state, metrics = self.train(state, batch)
+      with jax.profiler.StepTraceAnnotation("train", step_num=done):  # (XProf's steps, when tracing)
+        state, metrics = self.train(state, batch)
       for value in metrics.values():  # queued now, behind this step: the next step does not delay it
         value.copy_to_host_async()
       if previous is not None:
@@ -267,8 +287,8 @@ class Trainer:
       if (first := self.timer.stepped()) is not None:
         self.first_step = first
         self.progress.message(f"first step compiled and dispatched in {first:.1f} s")
-      done, policy = step + 1, self.policy
       self.watchdog.beat(f"step {done}", self.first_step, self.timer.median(50))
+      profiled = self.profiler.after(done, (state, metrics), self.watchdog)
       if policy.log(done):
         self.log_step(done, metrics)
       if evaluated := policy.evaluate(done):
@@ -279,7 +299,7 @@ class Trainer:
       if saved := policy.save(done, stop):
         self.watchdog.beat(f"saving step {done}")
         self.save(done, state, metrics, evaluated)
-      if evaluated or saved:
+      if evaluated or saved or profiled:
         self.timer.pause()
       if stop:
         return state, done
@@ -288,12 +308,21 @@ class Trainer:
   def log_step(self, step: int, metrics) -> None:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     sec = self.timer.median(self.config.train.log_every)
-    values["tokens_per_sec"] = self.config.data.batch_size * self.config.data.seq_len / sec if sec > 0 else 0.0
+    values.update(self.throughput(sec))
     self.log.write(step, **values)
     self.last.update(values)
     self.progress.update(step, values["loss"], values["lr"], values["tokens_per_sec"], sec,
-                         accuracy=values.get("accuracy"))
+                         accuracy=values.get("accuracy"), mfu=values.get("mfu"))
     self.check_finite(step, values)
+
+  def throughput(self, sec_per_step: float) -> dict[str, float]:
+    """tokens_per_sec (over all devices), per device, and MFU: the model's FLOP/s per device over the
+    peak (where it is known). Before any step is timed (the first compiles): 0 tokens/s and no MFU."""
+    tokens = self.config.data.batch_size * self.config.data.seq_len / sec_per_step if sec_per_step > 0 else 0.0
+    values = {"tokens_per_sec": tokens, "tokens_per_sec_per_device": tokens / jax.device_count()}
+    if self.peak > 0 and tokens > 0:
+      values["mfu"] = values["tokens_per_sec_per_device"] * self.model_flops / self.peak
+    return values
 
   def evaluate_now(self, step: int, params) -> None:
     """val_loss: an estimate from the fixed train.eval_batches batches (`jaxlm eval` reads every token)."""
@@ -333,12 +362,15 @@ class Trainer:
   def finish(self, state, stopped_at: int | None) -> dict[str, float]:
     last, timer, b, t = self.last, self.timer, self.config.data.batch_size, self.config.data.seq_len
     last["loop_seconds"] = time.monotonic() - timer.started  # after the first step, saves included
+    last["model_flops_per_token"] = self.model_flops
     if timer.seconds:
       sec = last["step_seconds"] = timer.median()
-      last["flops_per_token"] = flops_per_token(self.eval_step, state.params, self.last_batch)
-      flops = last["flops_per_token"] * b * t / sec
+      if not self.model_config.scan_layers:  # (XLA counts a scanned stack's loop body once)
+        last["flops_per_token"] = flops_per_token(self.eval_step, state.params, self.last_batch)
+      median = self.throughput(sec)
+      mfu = f" (MFU {median['mfu']:.1%})" if "mfu" in median else ""
       self.progress.message(f"median step {sec * 1e3:.1f} ms, {b * t / sec:,.0f} tokens/s, "
-                            f"{flops / 1e9:.1f} model GFLOP/s")
+                            f"{self.model_flops * b * t / sec / 1e9:.1f} model GFLOP/s{mfu}")
     if len(timer.saves) > 1:  # the first save also sets orbax up
       last["save_seconds"] = statistics.median(timer.saves[1:])
     if stopped_at is not None:

@@ -18,9 +18,22 @@ def flops_per_token(eval_step, params, batch: dict) -> float:
   """Model FLOPs per trained token, forward and backward, of the model as it is compiled: XLA's count of
   one forward pass (the eval step, lowered again: traced, not compiled) times 3, as the backward pass
   costs two forwards. Embedding lookups count nothing, the output projection and attention's score and
-  value products count in full (causal masking computes them all), as in PaLM's accounting."""
+  value products count in full (causal masking computes them all), as in PaLM's accounting. A scanned
+  stack (model.scan_layers) is counted wrong: XLA counts a loop's body once, not once per layer."""
   cost = eval_step.lower(params, batch).cost_analysis()
   return 3.0 * float(cost["flops"]) / batch["inputs"].size
+
+
+def si(value: float) -> str:
+  """1.23e9 -> '1.23 G', 150 -> '150 ' (followed by a unit)."""
+  for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(value) >= scale:
+      return f"{value / scale:.3g} {prefix}"
+  return f"{value:.3g} "
+
+
+# The keys of metrics.jsonl that measure wall-clock speed: two runs of the same config differ only in these.
+SPEED_KEYS = ("tokens_per_sec", "tokens_per_sec_per_device", "mfu")
 
 
 class MetricsLog:
@@ -82,13 +95,14 @@ class Progress:
     self.live = self.enabled and self.stream.isatty()
 
   def update(self, step: int, loss: float, lr: float, tokens_per_sec: float, sec_per_step: float,
-             accuracy: float | None = None) -> None:
+             accuracy: float | None = None, mfu: float | None = None) -> None:
     if not self.enabled:
       return
     eta = (self.total - step) * sec_per_step
     shown = f"  accuracy {accuracy:.3f}" if accuracy is not None else ""
+    utilisation = f"  MFU {mfu:5.1%}" if mfu is not None else ""
     line = (f"step {step:>6d}/{self.total}  loss {loss:7.4f}{shown}  lr {lr:.2e}  "
-            f"{tokens_per_sec:>9,.0f} tok/s  ETA {_duration(eta)}")
+            f"{tokens_per_sec:>9,.0f} tok/s{utilisation}  ETA {_duration(eta)}")
     self.stream.write(("\r" + line + "\x1b[K") if self.live else line + "\n")
     self.stream.flush()
 

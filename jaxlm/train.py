@@ -5,6 +5,7 @@ definition and the optax transformation are static and closed over; the state is
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -136,7 +137,8 @@ def plan_train_state(config, model_config: ModelConfig, token_bytes, mesh: Mesh)
 def compile_steps(setup: Setup, shardings: TrainState, batch_sharding: NamedSharding):
   """train_step and eval_step jitted with in/out shardings; the state is donated (updated in place)."""
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
-  train = jax.jit(lambda s, b: train_step(setup, s, b), in_shardings=(shardings, batch_sharding),
+  # (partial, not a lambda: profiles and HLO dumps then name it jit_train_step)
+  train = jax.jit(functools.partial(train_step, setup), in_shardings=(shardings, batch_sharding),
                   out_shardings=(shardings, replicated), donate_argnums=0)
   return train, compile_eval(setup, shardings.params, batch_sharding)
 
@@ -144,5 +146,5 @@ def compile_steps(setup: Setup, shardings: TrainState, batch_sharding: NamedShar
 def compile_eval(setup: Setup, param_shardings, batch_sharding: NamedSharding):
   """eval_step jitted with in/out shardings: what the loop's evaluations and `jaxlm eval` both run."""
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
-  return jax.jit(lambda p, b: eval_step(setup, p, b), in_shardings=(param_shardings, batch_sharding),
+  return jax.jit(functools.partial(eval_step, setup), in_shardings=(param_shardings, batch_sharding),
                  out_shardings=replicated)
