@@ -16,6 +16,7 @@ def get_config():
   c.data.batch_size = 256
   c.data.seq_len = 128
   c.model.num_layers = 12
+  c.model.scan_layers = True  # (accelerators: compile time does not grow with depth)
   c.model.num_heads = 12
   c.model.width = 768
   c.model.mlp_width = 3072

@@ -16,6 +16,7 @@ def get_config():
   c.data.seq_len = 512
   c.data.sequences = "packed"  # (a store's documents end to end; set windows for a text file)
   c.model.num_layers = 6
+  c.model.scan_layers = True  # (accelerators: compile time does not grow with depth)
   c.model.num_heads = 8
   c.model.width = 512
   c.model.mlp_width = 2048

@@ -331,12 +331,28 @@ def check_shapes(saved, abstract, where: str, prefix: str = "") -> None:
   for path, want in jax.tree_util.tree_flatten_with_path(abstract)[0]:
     name = prefix + _path_name(path)
     have = saved_by_path.get(_path_name(path))
+    if have is None and (scanned := _saved_layout(saved_by_path)) is not None:
+      raise UserError(f"{where} holds {'a scanned' if scanned else 'an unrolled'} stack of layers; this run "
+                      f"asks for {'an unrolled' if scanned else 'a scanned'} one",
+                      f"give --config.model.scan_layers={scanned} to read it")
     if have is None:
       raise UserError(f"{where} has no array {name}",
                       "it was saved by a different model or jaxlm version; start a fresh --workdir")
     if tuple(have.shape) != tuple(want.shape):
       raise UserError(f"{where}: {name} has shape {tuple(have.shape)} there, {tuple(want.shape)} "
                       "here", "use the model settings the checkpoint was trained with")
+
+
+_STACKS = ("blocks", "encoder", "decoder")
+
+
+def _saved_layout(saved_by_path: dict) -> bool | None:
+  """Whether saved parameters hold scanned stacks (True), unrolled ones (False), or no stack (None)."""
+  for name in saved_by_path:
+    parts = name.removeprefix("params/").split("/")
+    if len(parts) > 1 and parts[0] in _STACKS:
+      return not parts[1].isdigit()
+  return None
 
 
 def load_params(path: str, abstract_params):

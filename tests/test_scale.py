@@ -1,6 +1,8 @@
 """Scan over layers, rematerialisation, grouped-query attention and the attention implementations change
 no number: each is compared with today's unrolled, non-rematerialised, multi-head einsum model."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,3 +198,24 @@ def test_a_scanned_model_samples_the_unrolled_models_text():
     text.append(gen.generate(prompts, max_new_tokens=20, sampling=Sampling(temperature=2.0, top_k=40), seed=3))
   for a, b in zip(*text):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_of_one_layout_is_refused_by_the_other_with_the_setting_to_use(trained_run, tmp_path, capsys):
+  """trained_run's checkpoints hold an unrolled stack: resuming it scanned, or starting a scanned run
+  from its parameters, is one line that names the setting."""
+  import shutil
+
+  from jaxlm import cli
+
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained_run.workdir, workdir)
+  config = f"--config={os.path.dirname(__file__)}/tiny.py"
+  for args, fragment in (
+      ([f"--workdir={workdir}", "--config.train.steps=9"],
+       f"{workdir} was trained with model.scan_layers=False; this run asks for True"),
+      ([f"--workdir={tmp_path / 'new'}", f"--config.init_from={trained_run.workdir}"],
+       "holds an unrolled stack of layers; this run asks for a scanned one (give "
+       "--config.model.scan_layers=False to read it)")):
+    code = cli.main(["train", config, "--config.mesh.data=-1", "--config.model.scan_layers=true", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
