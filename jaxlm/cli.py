@@ -12,6 +12,7 @@ import sys
 
 from absl import flags
 
+from jaxlm import allocator
 from jaxlm.errors import UserError
 
 COMMANDS = ("train", "prepare", "sample", "eval")
@@ -409,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAXLM_DISTRIBUTED") == "auto":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "4")  # before jaxlib loads: see peers.py
   _quiet_libraries()
+  allocator.tune()
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(USAGE, end="")
     return 0 if argv else 2

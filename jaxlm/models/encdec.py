@@ -50,9 +50,9 @@ class EncoderDecoder(nnx.Module):
     enc_std, dec_std = INIT_STD / math.sqrt(2 * cfg.num_layers), INIT_STD / math.sqrt(3 * cfg.num_layers)
     self.embed = param(rngs.params(), (cfg.vocab_size, cfg.width), INIT_STD, ("vocab", "embed"))
     n, scan = cfg.num_layers, cfg.scan_layers
-    self.encoder = stack.make_blocks(lambda: Block(cfg, INIT_STD, enc_std, rngs), n, scan)
+    self.encoder = stack.make_blocks(lambda r: Block(cfg, INIT_STD, enc_std, r), n, scan, rngs.params())
     self.encoder_norm = Norm(cfg.width, cfg.norm)
-    self.decoder = stack.make_blocks(lambda: Block(cfg, INIT_STD, dec_std, rngs, cross=True), n, scan)
+    self.decoder = stack.make_blocks(lambda r: Block(cfg, INIT_STD, dec_std, r, cross=True), n, scan, rngs.params())
     self.final_norm = Norm(cfg.width, cfg.norm)
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs.params(), (cfg.width, cfg.vocab_size), INIT_STD, ("embed", "vocab")))

@@ -4,8 +4,8 @@
 Unrolled, the blocks are an `nnx.List` (parameters `blocks/0/...`, `blocks/1/...`) and each is traced
 and compiled on its own, so compile time grows with depth. Scanned, they are one Block whose parameters
 carry a leading `layers` axis (`blocks/...`, of shape (L, ...)), applied by `jax.lax.scan`: one block is
-compiled whatever the depth. Both are built from the same per-layer initialisation, so a seed gives the
-same parameters (stacked or not) and the same numbers.
+compiled whatever the depth. Block i is initialised from its own key in both layouts, so a seed gives
+the same parameters (stacked or not) and the same numbers.
 
 Decoding with a KV cache runs layer by layer in both layouts (the block's parameters sliced out of the
 stack): caches stay one (keys, values) pair per layer with the batch leading, which is what sampling
@@ -26,26 +26,27 @@ REMAT_POLICIES = {
 }
 
 
-def make_blocks(make_block: Callable[[], nnx.Module], n: int, scan: bool):
-  """n blocks made in order, as a list, or stacked into one Block with a leading layers axis."""
-  blocks = [make_block() for _ in range(n)]
-  return stack(blocks) if scan else nnx.List(blocks)
+def make_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], n: int, scan: bool, key: jax.Array):
+  """n blocks, block i initialised from fold_in(key, i): a list, or one Block of the blocks' parameters
+  stacked on a leading axis (logically `layers`), made by vmapping the same initialisation over i, so
+  that its compile time does not grow with depth either."""
+  def rngs(i):
+    return nnx.Rngs(params=jax.random.fold_in(key, i))
 
-
-def _is_variable(x) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def stack(blocks: list) -> nnx.Module:
-  """One module of the blocks' parameters stacked on a new leading axis, logically named `layers`."""
-  graphdef, first = nnx.split(blocks[0])
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), first, *(nnx.split(b)[1] for b in blocks[1:]))
+  if not scan:
+    return nnx.List([make_block(rngs(i)) for i in range(n)])
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_block(rngs(0))))
+  stacked = jax.vmap(lambda i: nnx.state(make_block(rngs(i))))(jnp.arange(n))
 
   def name_layers(v: nnx.Variable) -> nnx.Variable:
     names = v.get_metadata().get("out_sharding")
     return v if names is None else v.replace(v.get_value(), out_sharding=("layers", *names))
 
   return nnx.merge(graphdef, jax.tree.map(name_layers, stacked, is_leaf=_is_variable))
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
 
 
 def is_scanned(blocks) -> bool:

@@ -66,7 +66,8 @@ class Trunk(nnx.Module):
     self.embed = param(rngs.params(), (cfg.vocab_size, cfg.width), INIT_STD, ("vocab", "embed"))
     self.pos_embed = (param(rngs.params(), (cfg.max_seq_len, cfg.width), INIT_STD, (None, "embed"))
                       if cfg.position == "learned" else None)
-    self.blocks = stack.make_blocks(lambda: Block(cfg, INIT_STD, out_std, rngs), cfg.num_layers, cfg.scan_layers)
+    self.blocks = stack.make_blocks(lambda r: Block(cfg, INIT_STD, out_std, r), cfg.num_layers, cfg.scan_layers,
+                                    rngs.params())
     self.final_norm = Norm(cfg.width, cfg.norm)
     # Tied weights: the output layer reuses the input embedding (fewer parameters, and helps small models).
     self.lm_head = (None if cfg.tie_embeddings else
