@@ -15,11 +15,12 @@ from absl import flags
 from jaxlm import allocator
 from jaxlm.errors import UserError
 
-COMMANDS = ("train", "prepare", "sample", "eval")
+COMMANDS = ("train", "prepare", "sample", "eval", "plan")
 USAGE = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.section.key=value ...]
        jaxlm prepare --input=PATH [--input=PATH ...] --output=DIR [--tokenizer=byte|bpe:VOCAB|FILE] [...]
        jaxlm sample --workdir=DIR [--prompt=TEXT] [--num_samples=1] [--temperature=0.8] [...]
        jaxlm eval --workdir=DIR [--data=FILE|STORE] [--step=STEP] [--json]
+       jaxlm plan --config=FILE [--config.KEY=VALUE ...] [--devices=N | --topology=NAME] [--mfu=0.4] [--json]
        jaxlm COMMAND --help    (its flags; `jaxlm train --config=FILE --help`: that config's keys)
        jaxlm --version
 
@@ -30,6 +31,8 @@ USAGE = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.s
             run, fill the <mask>s of --prompt; for an encoder-decoder, print its target (--beams=N)
   eval      loss, perplexity and bits per byte (and accuracy, and a seq2seq run's exact match) of a
             workdir's model over a text file or store (default: the run's validation split)
+  plan      without training: parameters, FLOPs, tokens and the Chinchilla budget, memory per device
+            of the train step compiled ahead of time for the mesh (whether it fits), and the time
 """
 
 _TRAIN_FLAGS = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.section.key=value ...]
@@ -352,7 +355,55 @@ def evaluate(argv: list[str]) -> None:
           f"{run.config.train.eval_batches} batches of {_ROWS[run.config.data.sequences]})")
 
 
-_DEFINES = {"prepare": _define_prepare, "sample": _define_sample, "eval": _define_eval}
+def _define_plan(v: flags.FlagValues) -> None:
+  flags.DEFINE_string("config", None, "experiment config file with get_config(); --config.KEY=VALUE "
+                      "overrides its keys, as for train", flag_values=v)
+  flags.DEFINE_string("devices", None, "plan for N simulated CPU devices (default: this process's devices)",
+                      flag_values=v)
+  flags.DEFINE_string("topology", None, "plan for a TPU slice, e.g. v5e:2x2 or v5p:4x4x4 (needs libtpu)",
+                      flag_values=v)
+  flags.DEFINE_float("mfu", 0.4, "model FLOPs utilization the time estimate assumes, in (0, 1]", flag_values=v)
+  flags.DEFINE_float("memory_per_device", None, "GiB per device to fit in (default: the device's, or the "
+                     "host's shared by CPU devices)", flag_values=v)
+  flags.DEFINE_bool("json", False, "print one JSON object", flag_values=v)
+
+
+def parse_plan_flags(argv: list[str]) -> tuple[TrainArgs, flags.FlagValues]:
+  """argv after `plan` -> (the config file and its overrides, the plan's own flags), checked."""
+  overrides = [a for a in argv if re.match(r"--?config\.", a)]
+  v = _parse_flags([a for a in argv if a not in overrides], _define_plan)
+  args = parse_train_flags(overrides)
+  args.config = v.config
+  if args.config is None:
+    raise UserError("missing --config", "e.g. --config=configs/default.py")
+  if v.devices is not None and v.topology is not None:
+    raise UserError("--devices and --topology both given", "plan for simulated CPU devices or a TPU topology, "
+                    "not both")
+  if v.devices is not None and not (re.fullmatch(r"[0-9]+", v.devices) and int(v.devices) > 0):
+    raise UserError(f"--devices must be a positive integer, got {v.devices!r}", "e.g. --devices=8")
+  if not 0 < v.mfu <= 1:
+    raise UserError(f"--mfu must be in (0, 1], got {v.mfu:g}", "e.g. --mfu=0.4 (40% of the peak)")
+  if v.memory_per_device is not None and not v.memory_per_device > 0:
+    raise UserError(f"--memory_per_device must be positive (GiB), got {v.memory_per_device:g}",
+                    "e.g. --memory_per_device=16")
+  return args, v
+
+
+def plan(argv: list[str]) -> None:
+  args, v = parse_plan_flags(argv)
+  config = train_config(args)
+  devices = None if v.devices is None else int(v.devices)
+  if devices is None and v.topology is None:
+    _set_cpu_devices(config.mesh.cpu_devices)  # (this process's devices, as `jaxlm train` would have them)
+  from jaxlm import plan as planning
+
+  report = planning.plan(config, devices=devices, topology=v.topology, mfu=v.mfu,
+                         memory_per_device_gib=v.memory_per_device)
+  print(json.dumps(report) if v.json else planning.describe(report, args.config), flush=True)
+  planning.check_fits(report, config)
+
+
+_DEFINES = {"prepare": _define_prepare, "sample": _define_sample, "eval": _define_eval, "plan": _define_plan}
 
 
 def flags_help(command: str) -> str:
@@ -424,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     if command in _DEFINES and any(a in ("-h", "--help", "-help") for a in rest):
       print(flags_help(command))
       return 0
-    {"train": train, "prepare": prepare, "sample": sample, "eval": evaluate}[command](rest)
+    {"train": train, "prepare": prepare, "sample": sample, "eval": evaluate, "plan": plan}[command](rest)
     code = 0
   except UserError as e:
     print(f"jaxlm: error: {e}", file=sys.stderr, flush=True)

@@ -44,10 +44,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
   SIGTERM or SIGINT stops it cleanly after the current step with a checkpoint saved there; the
   returned dict then has `stopped_at`. One run per workdir: a second one is a UserError.
   """
-  config, notes = resolved(config)
-  shape = validate(config, jax.device_count())
-  objective = objectives.get(config.objective)
-  objective.check_config(config)
+  config, notes, shape, objective = checked(config, jax.device_count())
   progress = Progress(config.train.steps, enabled=jax.process_index() == 0 and not quiet)
   for note in notes:
     progress.message(f"note: {note}")
@@ -63,6 +60,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), StopSignals() as signals:
       trainer = Trainer(config, workdir, corpus, model_config, token_bytes, mesh, progress, signals)
       return trainer.run()
+
+
+def checked(config, num_devices: int):
+  """(config resolved, its notes, the mesh shape, the objective): every check of a config before its data
+  is read (UserErrors), as `jaxlm train` and `jaxlm plan` make them."""
+  config, notes = resolved(config)
+  shape = validate(config, num_devices)
+  objective = objectives.get(config.objective)
+  objective.check_config(config)
+  return config, notes, shape, objective
 
 
 def _check_start(config, workdir: str, progress: Progress) -> None:
