@@ -93,7 +93,7 @@ def main() -> None:
     opt.step()
     times.append(time.perf_counter() - start)
   sec = statistics.median(times[10:])
-  print(json.dumps({"tokens_per_sec": a.batch * a.seq_len / sec, "step_ms": sec * 1e3, "loss": float(loss),
+  print(json.dumps({"tokens_per_sec": a.batch * a.seq_len / sec, "step_ms": sec * 1e3, "loss": loss.item(),
                     "threads": torch.get_num_threads()}))
 
 

@@ -324,6 +324,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
     raise UserError(f"model.num_kv_heads {kv_heads} is not divisible by mesh.tensor {tensor}",
                     "choose a tensor-parallel size that divides it, or replicate the key/value heads: give "
                     "mesh.rules with ('kv_heads', None)")
+  rules = dict(c.mesh.rules)
+  if m.attention == "splash" and 1 < kv_heads and tensor > 1 and rules.get("kv_heads") != rules.get("heads"):
+    raise UserError("model.attention=splash shards key/value heads as the query heads, but mesh.rules give "
+                    f"kv_heads {rules.get('kv_heads')!r} and heads {rules.get('heads')!r}",
+                    "use the same rule for both, or model.attention=dot_product")
   if m.width % fsdp:
     raise UserError(f"model.width {m.width} is not divisible by mesh.fsdp {fsdp}",
                     "choose an FSDP size that divides the width")

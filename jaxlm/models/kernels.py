@@ -6,12 +6,16 @@ padding). Off TPU, `interpret=True` runs the same kernel (forward and its custom
 interpret mode, which is slow but exact enough to test against a plain reference.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from flax.core import spmd
+from jaxlm.parallel import logical_to_spec
 
 LANES = 128  # the kernel's key blocks (and segment-id tiles) must be multiples of the TPU lane width
 BLOCK_CHOICES = (512, 256, 128)  # largest that divides the padded length wins
@@ -28,13 +32,43 @@ def splash_attention(q_BxHxTxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.
   multi-query form). Causal, or with segment ids (B, T), it is self-attention (T == S); with segment
   ids a query sees keys of its own segment only (padding, id 0, sees padding: finite, unused).
 
-  T and S are padded up to a multiple of 128 and the output sliced back; blocks are the largest of
+  Under a mesh (`jax.set_mesh`) it runs per device through shard_map, placed by the logical-axis rules
+  in context (_on_mesh). T and S are padded up to a multiple of 128 and the output sliced back; blocks are the largest of
   512/256/128 dividing the padded length. Causally, no real query sees the added tail; otherwise the
   added keys get segment id PAD_SEGMENT so no real query sees them (_padded_segment_ids).
   """
+  _check_shapes(q_BxHxTxK.shape[1], k_BxGxSxK.shape[1], q_BxHxTxK.shape[2], k_BxGxSxK.shape[2], causal,
+                segment_ids_BxT)
+  local = functools.partial(_splash_local, causal=causal, interpret=interpret)
+  if jax.sharding.get_abstract_mesh().empty:
+    return local(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, segment_ids_BxT)
+  return _on_mesh(local, q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, segment_ids_BxT)
+
+
+def _on_mesh(local, q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, segment_ids_BxT):
+  """`local` on each device's block under shard_map: a Pallas kernel is opaque to XLA's partitioner,
+  which would otherwise gather every operand onto every device. Rows shard as the rules place "batch",
+  query heads as "heads", key/value heads as "kv_heads" (the same mesh axes, so each device's query heads
+  find their group's key/value heads locally; a single key/value head may be replicated)."""
+  rules = spmd.get_logical_axis_rules()
+  q_spec = logical_to_spec(("batch", "heads", None, None), rules)
+  kv_spec = logical_to_spec(("batch", "kv_heads" if k_BxGxSxK.shape[1] > 1 else None, None, None), rules)
+  if k_BxGxSxK.shape[1] > 1 and kv_spec[1] != q_spec[1]:
+    raise ValueError(f"splash attention on a mesh needs key/value heads sharded as the query heads "
+                     f"({kv_spec[1]} vs {q_spec[1]}: mesh.rules kv_heads and heads)")
+  ids_spec = logical_to_spec(("batch", None), rules)
+  if segment_ids_BxT is None:
+    fn = jax.shard_map(lambda q, k, v: local(q, k, v, None), in_specs=(q_spec, kv_spec, kv_spec),
+                       out_specs=q_spec, check_vma=False)
+    return fn(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK)
+  fn = jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, ids_spec), out_specs=q_spec, check_vma=False)
+  return fn(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, segment_ids_BxT)
+
+
+def _splash_local(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, segment_ids_BxT, *, causal: bool, interpret: bool):
+  """splash_attention on arrays of one device (or unsharded ones)."""
   b, h, t, k = q_BxHxTxK.shape
   g, s = k_BxGxSxK.shape[1], k_BxGxSxK.shape[2]
-  _check_shapes(h, g, t, s, causal, segment_ids_BxT)
   t_pad, s_pad = _round_up(t, LANES), _round_up(s, LANES)
   segment_ids = _padded_segment_ids(b, t, s, t_pad, s_pad, causal, segment_ids_BxT)
   kernel = _make_kernel(h, t_pad, s_pad, causal, g == 1, interpret)
