@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
 from jaxlm import objectives
 from jaxlm.data.text import train_batch
 from jaxlm.data.tokenizer import ByteTokenizer
@@ -19,7 +18,7 @@ from jaxlm.models.transformer import ModelConfig
 from jaxlm.objectives.base import TRAIN_STREAM
 from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
 from jaxlm.train import compile_steps, create_train_state
-from test_parallel import _pair_rows
+from test_parallel import _pair_rows, mesh_test_config
 
 TOKENS = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16)
 STACKS = ("blocks", "encoder", "decoder")
@@ -56,9 +55,7 @@ def stacked(params: dict) -> dict:
 
 
 def config_for(objective, **model):
-  c = tiny_config()
-  c.objective = objective
-  c.optim.eps = 1e-5  # (as in test_parallel: Adam's conditioning, not the layout, would set the bound)
+  c = mesh_test_config(objective)  # (its Adam eps: Adam's conditioning, not the layout, would set the bound)
   for k, v in model.items():
     setattr(c.model, k, v)
   return c
