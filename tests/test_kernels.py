@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from jaxlm.config import DEFAULT_RULES
 from jaxlm.errors import UserError
 from jaxlm.models import kernels
 
@@ -128,14 +129,19 @@ def test_block_size():
   assert [kernels.block_size(n) for n in (128, 256, 384, 512, 1024, 1536)] == [128, 256, 128, 512, 512, 512]
 
 
-@pytest.mark.parametrize("g", [2, 1], ids=["gqa", "mqa"])
-def test_splash_on_a_mesh_runs_per_device(g):
-  """Under a (data 2, fsdp 2, tensor 2) mesh the kernel runs on each device's rows and heads (shard_map):
-  the same outputs and gradients as the unsharded reference, and no operand gathered onto every device
-  (a single key/value head is replicated; its gradient is summed over the tensor axis)."""
+REPLICATED_KV = tuple(r for r in DEFAULT_RULES if r[0] != "kv_heads") + (("kv_heads", None),)
+
+
+@pytest.mark.parametrize("g, shape, rules", [(2, (2, 2, 2), DEFAULT_RULES), (1, (2, 2, 2), DEFAULT_RULES),
+                                             (2, (2, 2, 1), REPLICATED_KV)],
+                         ids=["gqa", "mqa", "gqa-kv-rule-differs-on-tensor-1"])
+def test_splash_on_a_mesh_runs_per_device(g, shape, rules):
+  """Under a (data, fsdp, tensor) mesh the kernel runs on each device's rows and heads (shard_map): the
+  same outputs and gradients as the unsharded reference, and no operand gathered onto every device (a
+  single key/value head is replicated, its gradient summed over the tensor axis; key/value heads under
+  another rule than the query heads are fine where the tensor axis has one device)."""
   from flax import nnx
 
-  from jaxlm.config import DEFAULT_RULES
   from jaxlm.parallel import logical_to_spec, make_mesh
 
   b, t = 4, 128
@@ -143,10 +149,10 @@ def test_splash_on_a_mesh_runs_per_device(g):
   q, dy = (jax.random.normal(key, (b, H, t, K), jnp.float32) for key in (keys[0], keys[3]))
   k, v = (jax.random.normal(key, (b, g, t, K), jnp.float32) for key in keys[1:3])
   ids = jnp.concatenate([two_documents_and_padding(t)] * 2)
-  mesh = make_mesh((2, 2, 2), jax.devices()[:8])
+  mesh = make_mesh(shape, jax.devices()[: math.prod(shape)])
   kernel = lambda q, k, v: kernels.splash_attention(q, k, v, causal=True, segment_ids_BxT=ids, interpret=True)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-    place = lambda x, names: jax.device_put(x, jax.NamedSharding(mesh, logical_to_spec(names, DEFAULT_RULES)))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    place = lambda x, names: jax.device_put(x, jax.NamedSharding(mesh, logical_to_spec(names, rules)))
     q, dy = place(q, ("batch", "heads", None, None)), place(dy, ("batch", "heads", None, None))
     k, v = (place(x, ("batch", "kv_heads" if g > 1 else None, None, None)) for x in (k, v))
     y, grads = output_and_grads(kernel, q, k, v, dy)
@@ -155,7 +161,7 @@ def test_splash_on_a_mesh_runs_per_device(g):
       return y, pullback(dy)
     compiled = jax.jit(run).lower(q, k, v).as_text("hlo")
   assert "all-gather" not in compiled
-  assert y.sharding.spec == logical_to_spec(("batch", "heads", None, None), DEFAULT_RULES)
+  assert y.sharding.spec == logical_to_spec(("batch", "heads", None, None), rules)
   y_ref, grads_ref = output_and_grads(lambda q, k, v: reference_attention(q, k, v, True, ids), *(
       np.asarray(x) for x in (q, k, v, dy)))
   np.testing.assert_allclose(y, y_ref, atol=TOL, rtol=TOL)
@@ -171,6 +177,6 @@ def test_splash_refuses_key_value_heads_sharded_unlike_the_query_heads(monkeypat
   config = tiny_config()
   config.model.attention, config.model.num_kv_heads = "splash", 2
   config.mesh.data, config.mesh.tensor = 4, 2
-  config.mesh.rules = tuple(r for r in config.mesh.rules if r[0] != "kv_heads") + (("kv_heads", None),)
+  config.mesh.rules = REPLICATED_KV
   with pytest.raises(UserError, match="model.attention=splash shards key/value heads as the query heads"):
     validate(config, 8)

@@ -33,8 +33,8 @@ def splash_attention(q_BxHxTxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.
   ids a query sees keys of its own segment only (padding, id 0, sees padding: finite, unused).
 
   Under a mesh (`jax.set_mesh`) it runs per device through shard_map, placed by the logical-axis rules
-  in context (_on_mesh). T and S are padded up to a multiple of 128 and the output sliced back; blocks are the largest of
-  512/256/128 dividing the padded length. Causally, no real query sees the added tail; otherwise the
+  in context (_on_mesh). T and S are padded up to a multiple of 128 and the output sliced back; blocks
+  are the largest of 512/256/128 dividing the padded length. Causally, no real query sees the added tail; otherwise the
   added keys get segment id PAD_SEGMENT so no real query sees them (_padded_segment_ids).
   """
   _check_shapes(q_BxHxTxK.shape[1], k_BxGxSxK.shape[1], q_BxHxTxK.shape[2], k_BxGxSxK.shape[2], causal,
@@ -53,7 +53,9 @@ def _on_mesh(local, q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, segment_ids_BxT):
   rules = spmd.get_logical_axis_rules()
   q_spec = logical_to_spec(("batch", "heads", None, None), rules)
   kv_spec = logical_to_spec(("batch", "kv_heads" if k_BxGxSxK.shape[1] > 1 else None, None, None), rules)
-  if k_BxGxSxK.shape[1] > 1 and kv_spec[1] != q_spec[1]:
+  mesh = jax.sharding.get_abstract_mesh()
+  split = lambda axes: math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+  if k_BxGxSxK.shape[1] > 1 and kv_spec[1] != q_spec[1] and split(q_spec[1]) * split(kv_spec[1]) > 1:
     raise ValueError(f"splash attention on a mesh needs key/value heads sharded as the query heads "
                      f"({kv_spec[1]} vs {q_spec[1]}: mesh.rules kv_heads and heads)")
   ids_spec = logical_to_spec(("batch", None), rules)
