@@ -128,7 +128,8 @@ class Run:
                on_text: Callable[[int, str], None] | None = None, sample_id: int = 0) -> str | list[str]:
     """The prompt and its continuation (a list of `num_samples` texts if more than one).
 
-    max_new_tokens: default, as many as fit the model's positions after the prompt. Temperature 0 is
+    max_new_tokens: default, as many as fit the model's positions after the prompt; more than that slide
+    the context past them (generate.py: the newest 3/4 of the window is prefilled again). Temperature 0 is
     greedy. `on_text(sample, text)` receives each sample's new text as it is decoded; samples are
     then generated one after another (the same texts as a batch: each has its own random stream).
     Sample i uses random stream sample_id + i. Afterwards `filled_positions` says whether a text

@@ -202,7 +202,7 @@ def _define_sample(v: flags.FlagValues) -> None:
   flags.DEFINE_string("prompt", None, "text to continue (default: the run's train.sample_prompt); for a "
                       "masked-LM run, text with <mask> where tokens are missing", flag_values=v)
   flags.DEFINE_integer("num_samples", 1, "how many continuations", flag_values=v)
-  flags.DEFINE_integer("max_new_tokens", 0, "tokens to generate (0: as many as fit)", flag_values=v)
+  flags.DEFINE_integer("max_new_tokens", 0, "tokens to generate (0: as many as fit the positions; more slide the context)", flag_values=v)
   flags.DEFINE_float("temperature", 0.8, "0: greedy (encoder-decoder runs: greedy unless given)", flag_values=v)
   flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0: all); masked LM: also "
                        "print the k most likely tokens of each mask", flag_values=v)

@@ -8,6 +8,13 @@ query attends to every cached position up to it, so padding is never seen and is
 row grows. A row stops at EOS or after `max_new_tokens`; the loop stops when all rows have. Logits
 that are not finite (parameters of a run that diverged) are an error, never a text of NUL bytes.
 
+Past the model's positions the context slides, as nanoGPT crops it: when a row's window of
+`max_seq_len` tokens is full, its newest `kept_after_slide(max_seq_len)` tokens (three quarters) are
+prefilled again at positions 0.., inside the compiled loop, and decoding goes on from the cache; so a
+token sees between 3/4 and all of the window, and it costs one prefill every max_seq_len // 4 + 1 new
+tokens instead of one full forward per token. (Every cached key depends on the tokens before it, so a
+window that moved by one token has nothing to reuse: re-prefilling is the exact way to move it.)
+
 Sampling: temperature (0 is greedy), then top-k, then top-p (the smallest set of most likely tokens
 whose probability reaches p). The random key of row r's j-th token is fold_in(fold_in(seed, sample
 id r), j): the same seed gives the same text, in a batch or one prompt at a time, and however the
@@ -88,7 +95,12 @@ def limit_vocab(logits_BxTxV: jax.Array, limit: int | None) -> jax.Array:
 def positions_full(max_seq_len: int) -> str:
   """What to say when a text stopped because the model's positions ran out (not at EOS)."""
   return (f"(the text stops here: the model's {max_seq_len} positions, model.max_seq_len, are full; "
-          "generating past them is not supported yet)")
+          "ask for more with max_new_tokens and the context slides past them)")
+
+
+def kept_after_slide(max_seq_len: int) -> int:
+  """How many of a full window's newest tokens stay when it slides (the oldest quarter goes)."""
+  return max_seq_len - max(1, max_seq_len // 4)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -110,7 +122,7 @@ class Generator:
     self._compiled = {}
 
   def room(self, prompt_length: int) -> int:
-    """How many new tokens fit after a prompt of this length (the model's positions)."""
+    """How many new tokens fit after a prompt of this length in the model's positions (more slide)."""
     return self.cfg.max_seq_len - prompt_length
 
   def check(self, prompts: Sequence[np.ndarray], max_new_tokens: int) -> None:
@@ -120,10 +132,9 @@ class Generator:
     if longest >= self.cfg.max_seq_len:
       raise UserError(f"the prompt is {longest} tokens, but the model has {self.cfg.max_seq_len} positions",
                       "shorten the prompt")
-    if max_new_tokens < 1 or longest + max_new_tokens > self.cfg.max_seq_len:
-      raise UserError(f"max_new_tokens={max_new_tokens} with a prompt of {longest} tokens does not fit the "
-                      f"model's {self.cfg.max_seq_len} positions",
-                      f"ask for 1 to {self.room(longest)} new tokens")
+    if max_new_tokens < 1:
+      raise UserError(f"max_new_tokens must be 1 or more, got {max_new_tokens}",
+                      f"e.g. {self.room(longest)} fills the model's positions; more slide the context")
 
   def generate(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
                sampling: Sampling = Sampling(), seed: int = 0, sample_ids: Sequence[int] | None = None,
@@ -139,7 +150,8 @@ class Generator:
     self.check(prompts, max_new_tokens)
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
-    width = min(round_up(int(lengths.max()) + max_new_tokens, 64), self.cfg.max_seq_len)
+    total = round_up(int(lengths.max()) + max_new_tokens, 64)  # every row's prompt and new tokens
+    width = min(total, self.cfg.max_seq_len)  # the KV cache's positions
     padded = min(round_up(int(lengths.max()), 16), width)
     tokens = np.zeros((b, padded), np.int32)
     for row, p in enumerate(prompts):
@@ -147,7 +159,7 @@ class Generator:
     ids = np.arange(b) if sample_ids is None else np.asarray(sample_ids)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.asarray(ids, jnp.uint32))
     settings = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
-    prefill, decode = self._programs(b, padded, width)
+    prefill, decode = self._programs(b, padded, width, total)
     with self.place.context():
       state = prefill(self.params, self.place.put(tokens), self.place.put(lengths), self.place.put(keys),
                       jnp.int32(max_new_tokens), *settings)
@@ -171,18 +183,21 @@ class Generator:
       rows.append(new[:-1] if len(new) and done[row] and new[-1] == self.eos_id else new)
     return rows
 
-  def _programs(self, b: int, padded: int, width: int):
-    if (b, padded, width) not in self._compiled:
-      self._compiled[(b, padded, width)] = self._compile(b, padded, width)
-    return self._compiled[(b, padded, width)]
+  def _programs(self, b: int, padded: int, width: int, total: int):
+    shape = (b, padded, width, total)
+    if shape not in self._compiled:
+      self._compiled[shape] = self._compile(*shape)
+    return self._compiled[shape]
 
-  def _compile(self, b: int, padded: int, width: int):
+  def _compile(self, b: int, padded: int, width: int, total: int):
     graphdef, cfg, eos = self.graphdef, self.cfg, self.eos_id
-    limit = self.vocab_limit
+    limit, keep = self.vocab_limit, kept_after_slide(cfg.max_seq_len)
 
     def logits_for(model, tokens_BxT, positions_BxT, cache):
       logits_BxTxV, cache = model(tokens_BxT, positions_BxT=positions_BxT, kv_cache=cache)
       return limit_vocab(logits_BxTxV, limit), cache
+
+    rows = jnp.arange(b)
 
     def prefill(params, tokens_BxP, lengths_B, keys_B, max_new, temperature, top_k, top_p):
       model = nnx.merge(graphdef, params)
@@ -192,30 +207,54 @@ class Generator:
       step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys_B, 0)
       first_B = choose(last_BxV, step_keys, temperature, top_k, top_p)
       broken_B = ~jnp.all(jnp.isfinite(last_BxV), axis=-1)
-      out_BxW = jnp.zeros((b, width), jnp.int32).at[:, :padded].set(tokens_BxP)
-      out_BxW = out_BxW.at[jnp.arange(b), lengths_B].set(first_B)
+      out_BxN = jnp.zeros((b, total), jnp.int32).at[:, :padded].set(tokens_BxP)
+      out_BxN = out_BxN.at[jnp.arange(b), lengths_B].set(first_B)
       done_B = (first_B == eos) | (max_new <= 1)
-      return _replicated({"out": out_BxW, "pos": lengths_B, "done": done_B, "n": jnp.int32(1),
-                          "keys": keys_B, "cache": cache, "broken": broken_B})
+      return _replicated({"out": out_BxN, "pos": lengths_B, "done": done_B, "n": jnp.int32(1),
+                          "keys": keys_B, "cache": cache, "broken": broken_B,
+                          "base": jnp.zeros((b,), jnp.int32)})
+
+    def next_logits(model, s):
+      """Each row's logits after its token at out[pos] (B, V), the cache and window starts after it:
+      one cached step, or, for rows whose window is full, a prefill of their newest `keep` tokens."""
+      token_B = s["out"][rows, s["pos"]]
+      at_B = s["pos"] - s["base"]  # the token's position in its row's window
+      slide_B = (at_B >= cfg.max_seq_len) & ~s["done"]
+
+      def step(_):
+        logits_Bx1xV, cache = logits_for(model, token_B[:, None], at_B[:, None], s["cache"])
+        return logits_Bx1xV[:, 0], cache
+
+      def slide(_):
+        starts_B = s["pos"] - keep + 1
+        window_BxK = jax.vmap(lambda o, at: jax.lax.dynamic_slice(o, (at,), (keep,)))(s["out"], starts_B)
+        positions_BxK = jnp.broadcast_to(jnp.arange(keep, dtype=jnp.int32), (b, keep))
+        slid_BxKxV, slid_cache = logits_for(model, window_BxK, positions_BxK, s["cache"])
+        stepped_BxV, stepped_cache = step(None)
+        pick = lambda a, c: jnp.where(slide_B.reshape((b,) + (1,) * (a.ndim - 1)), a, c)
+        return pick(slid_BxKxV[:, -1], stepped_BxV), jax.tree.map(pick, slid_cache, stepped_cache)
+
+      if total <= cfg.max_seq_len:  # (no row can fill its window: the program has no slide in it)
+        return (*step(None), s["base"])
+      logits_BxV, cache = jax.lax.cond(jnp.any(slide_B), slide, step, None)
+      return logits_BxV, cache, jnp.where(slide_B, s["pos"] - keep + 1, s["base"])
 
     def decode(params, state, stop_at, max_new, temperature, top_k, top_p):
       model = nnx.merge(graphdef, params)
-      rows = jnp.arange(b)
 
       def running(s):
         return (s["n"] < stop_at) & (s["n"] < max_new) & ~jnp.all(s["done"])
 
       def step(s):
-        token_B = s["out"][rows, s["pos"]]
-        logits_Bx1xV, cache = logits_for(model, token_B[:, None], s["pos"][:, None], s["cache"])
+        logits_BxV, cache, base_B = next_logits(model, s)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(s["keys"], s["n"])
-        new_B = choose(logits_Bx1xV[:, 0], step_keys, temperature, top_k, top_p)
+        new_B = choose(logits_BxV, step_keys, temperature, top_k, top_p)
         pos_B = jnp.where(s["done"], s["pos"], s["pos"] + 1)
         out = jnp.where(s["done"][:, None], s["out"], s["out"].at[rows, pos_B].set(new_B))
         done_B = s["done"] | (new_B == eos) | (s["n"] + 1 >= max_new)
-        broken_B = s["broken"] | (~s["done"] & ~jnp.all(jnp.isfinite(logits_Bx1xV[:, 0]), axis=-1))
+        broken_B = s["broken"] | (~s["done"] & ~jnp.all(jnp.isfinite(logits_BxV), axis=-1))
         return {**s, "out": out, "pos": pos_B, "done": done_B, "n": s["n"] + 1, "cache": cache,
-                "broken": broken_B}
+                "broken": broken_B, "base": base_B}
 
       return _replicated(jax.lax.while_loop(running, step, state))
 

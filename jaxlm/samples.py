@@ -26,20 +26,16 @@ def end_sample(config, corpus, setup, params, model_config, mesh) -> str:
 
 
 def _continuation(config, tokenizer, setup, params, model_config, mesh, rules) -> str:
-  """The prompt and up to train.sample_tokens of continuation (as many as fit the model's positions)."""
+  """The prompt and up to train.sample_tokens of continuation (past the model's positions, the context
+  slides)."""
   prompt = clm.prompt_ids(tokenizer, config.train.sample_prompt, config.data.sequences == "packed")
   generator = generate.Generator(setup.graphdef, params, model_config, eos_id=tokenizer.EOS,
                                  vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules)
-  room = generator.room(len(prompt))
-  if room < 1 or len(prompt) == 0:
+  if generator.room(len(prompt)) < 1 or len(prompt) == 0:
     return f"(no room after a prompt of {len(prompt)} tokens in {model_config.max_seq_len} positions)"
-  wanted = min(config.train.sample_tokens, room)
-  new = generator.generate([prompt], max_new_tokens=wanted, sampling=generate.Sampling(temperature=0.8),
-                           seed=config.seed)[0]
-  text = config.train.sample_prompt + tokenizer.decode(new)
-  if len(new) == room < config.train.sample_tokens:
-    text += "\n" + generate.positions_full(model_config.max_seq_len)
-  return text
+  new = generator.generate([prompt], max_new_tokens=config.train.sample_tokens,
+                           sampling=generate.Sampling(temperature=0.8), seed=config.seed)[0]
+  return config.train.sample_prompt + tokenizer.decode(new)
 
 
 def _translation(config, corpus, setup, params, model_config, mesh) -> str:

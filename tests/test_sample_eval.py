@@ -74,7 +74,7 @@ def test_greedy_sampling_is_the_models_argmax(run):
     (["--top_p=0"], r"top_p must be in \(0, 1\]"),
     (["--top_p=1.01"], r"top_p must be in \(0, 1\]"),
     (["--temperature=-0.1"], "temperature must be 0 or more"),
-    (["--max_new_tokens=29"], "max_new_tokens=29 with a prompt of 4 tokens does not fit the model's 32 positions"),
+    (["--max_new_tokens=-1"], "--max_new_tokens must be positive, got -1"),
     (["--prompt=" + "x" * 40], "the prompt is 40 tokens, but the model has 32 positions"),
     (["--num_samples=0"], "--num_samples must be at least 1"),
     (["--prompt="], "a prompt is empty"),
@@ -169,7 +169,7 @@ def test_sample_says_when_the_positions_ran_out(workdir, run, capsys):
   code, out, err = cli_run(capsys, "sample", f"--workdir={workdir}", "--prompt=Once", "--temperature=0")
   assert code == 0 and out.startswith("Once") and len(run.tokenizer.encode(out[:-1])) == 32
   assert err == ("jaxlm: note: (the text stops here: the model's 32 positions, model.max_seq_len, are full; "
-                 "generating past them is not supported yet)\n")
+                 "ask for more with max_new_tokens and the context slides past them)\n")
   code, out, err = cli_run(capsys, "sample", f"--workdir={workdir}", "--prompt=Once", "--temperature=0",
                            "--max_new_tokens=28")
   assert code == 0 and err == ""  # a length that was asked for is no surprise
