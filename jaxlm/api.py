@@ -32,6 +32,7 @@ from jaxlm.data.text import load_data, read_text
 from jaxlm.data.tokenizer import load_tokenizer_json
 from jaxlm.errors import UserError
 from jaxlm.evaluate import example_rows, stream_evaluator, stream_rows
+from jaxlm.metrics import parse_rows
 from jaxlm.generate import Generator, Sampling
 from jaxlm.objectives import clm, mlm, span
 from jaxlm.objectives.base import EVAL_STREAM, with_article
@@ -299,19 +300,17 @@ class Run:
     path = files.join(self.workdir, "metrics.jsonl")
     if not files.isfile(path):
       return []
-    return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
+    return parse_rows(files.read_text(path))
 
   def plot(self, ax=None):
     """Training and validation loss against step, on a matplotlib Axes (a new figure by default)."""
     import matplotlib.pyplot as plt
 
+    from jaxlm.plots import draw_losses
+
     if ax is None:
       _, ax = plt.subplots(figsize=(7, 4))
-    rows = self.metrics()
-    for key, label, style in (("loss", "training", "-"), ("val_loss", "validation", "o-")):
-      points = [(m["step"], m[key]) for m in rows if key in m]
-      if points:
-        ax.plot(*zip(*points), style, label=label)
+    draw_losses(ax, self.metrics())
     ax.set(xlabel="step", ylabel="loss (nats per token)", title=files.split(self.workdir.rstrip("/"))[1])
     ax.legend()
     return ax

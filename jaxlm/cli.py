@@ -15,12 +15,13 @@ from absl import flags
 from jaxlm import allocator
 from jaxlm.errors import UserError
 
-COMMANDS = ("train", "prepare", "sample", "eval", "plan")
+COMMANDS = ("train", "prepare", "sample", "eval", "plan", "plot")
 USAGE = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.section.key=value ...]
        jaxlm prepare --input=PATH [--input=PATH ...] --output=DIR [--tokenizer=byte|bpe:VOCAB|FILE] [...]
        jaxlm sample --workdir=DIR [--prompt=TEXT] [--num_samples=1] [--temperature=0.8] [...]
        jaxlm eval --workdir=DIR [--data=FILE|STORE] [--step=STEP] [--json]
        jaxlm plan --config=FILE [--config.KEY=VALUE ...] [--devices=N | --topology=NAME] [--mfu=0.4] [--json]
+       jaxlm plot --workdir=DIR [--workdir=DIR ...] --output=FILE.png [--x=tokens|step]
        jaxlm COMMAND --help    (its flags; `jaxlm train --config=FILE --help`: that config's keys)
        jaxlm --version
 
@@ -33,6 +34,7 @@ USAGE = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.s
             workdir's model over a text file or store (default: the run's validation split)
   plan      without training: parameters, FLOPs, tokens and the Chinchilla budget, memory per device
             of the train step compiled ahead of time for the mesh (whether it fits), and the time
+  plot      the loss curves of runs overlaid in one PNG (each run also keeps WORKDIR/loss.png)
 """
 
 _TRAIN_FLAGS = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.section.key=value ...]
@@ -403,7 +405,45 @@ def plan(argv: list[str]) -> None:
   planning.check_fits(report, config)
 
 
-_DEFINES = {"prepare": _define_prepare, "sample": _define_sample, "eval": _define_eval, "plan": _define_plan}
+def _define_plot(v: flags.FlagValues) -> None:
+  flags.DEFINE_multi_string("workdir", [], "a run's workdir (repeat the flag for each run)", flag_values=v)
+  flags.DEFINE_string("output", None, "the PNG to write (e.g. cmp.png)", flag_values=v)
+  flags.DEFINE_enum("x", "tokens", ["tokens", "step"], "the horizontal axis", flag_values=v)
+
+
+def plot(argv: list[str]) -> None:
+  """`jaxlm plot`: the loss curves of one or more runs overlaid in one PNG."""
+  v = _parse_flags(argv, _define_plot)
+  if not v.workdir:
+    raise UserError("missing --workdir", "give one --workdir per run, e.g. --workdir=runs/a --workdir=runs/b")
+  if not v.output:
+    raise UserError("missing --output", "e.g. --output=cmp.png")
+  if not v.output.lower().endswith(".png"):
+    raise UserError(f"--output {v.output} does not end in .png", "e.g. --output=cmp.png (a PNG is written)")
+  from jaxlm import files, plots
+  from jaxlm.api import _saved_config
+  from jaxlm.metrics import parse_rows
+
+  folder = files.split(files.absolute(v.output))[0]
+  if not files.isdir(folder):
+    raise UserError(f"the folder of --output, {folder}, does not exist", "create it, or write elsewhere")
+  runs = []
+  for workdir in v.workdir:
+    config = _saved_config(workdir)
+    path = files.join(workdir, "metrics.jsonl")
+    rows = parse_rows(files.read_text(path)) if files.isfile(path) else []
+    if not any("loss" in m for m in rows):
+      raise UserError(f"{workdir} has no training losses in metrics.jsonl yet", "plot a run that has logged a step")
+    names = [files.split(w.rstrip("/"))[1] for w in v.workdir]
+    name = files.split(workdir.rstrip("/"))[1]
+    runs.append((workdir if names.count(name) > 1 else name, rows,
+                 config.data.batch_size * config.data.seq_len))
+  plots.write_png(plots.compare_figure(runs, v.x), v.output)
+  print(f"{v.output}: {len(runs)} runs, loss against {v.x}")
+
+
+_DEFINES = {"prepare": _define_prepare, "sample": _define_sample, "eval": _define_eval, "plan": _define_plan,
+            "plot": _define_plot}
 
 
 def flags_help(command: str) -> str:
@@ -475,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     if command in _DEFINES and any(a in ("-h", "--help", "-help") for a in rest):
       print(flags_help(command))
       return 0
-    {"train": train, "prepare": prepare, "sample": sample, "eval": evaluate, "plan": plan}[command](rest)
+    {"train": train, "prepare": prepare, "sample": sample, "eval": evaluate, "plan": plan,
+     "plot": plot}[command](rest)
     code = 0
   except UserError as e:
     print(f"jaxlm: error: {e}", file=sys.stderr, flush=True)

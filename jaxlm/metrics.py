@@ -36,6 +36,17 @@ def si(value: float) -> str:
 SPEED_KEYS = ("tokens_per_sec", "tokens_per_sec_per_device", "mfu")
 
 
+def parse_rows(text: str) -> list[dict]:
+  """metrics.jsonl's lines as dicts (a line cut short by a kill is skipped)."""
+  rows = []
+  for line in text.splitlines():
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      pass
+  return rows
+
+
 class MetricsLog:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl (only process 0 writes).
 
@@ -58,6 +69,10 @@ class MetricsLog:
       else:
         with open(self.path, "a") as f:
           f.write(line)
+
+  def rows(self) -> list[dict]:
+    """What the file holds, one dict per line."""
+    return parse_rows(self._text if self._text is not None else self._read())
 
   def _read(self) -> str:
     try:
