@@ -195,16 +195,18 @@ def setup_command(python: str) -> str:
 
 
 def setup(args) -> int:
-  archive = os.path.join(tempfile.gettempdir(), f"jaxlm-src-{args.name}.tar.gz")
-  if not args.dry_run:
+  # A folder of its own: two setups at once (of one pod name, or by two users) never share the archive.
+  folder = None if args.dry_run else tempfile.mkdtemp(prefix="jaxlm-src-")
+  archive = os.path.join(folder or os.path.join(tempfile.gettempdir(), "jaxlm-src-XXXXXXXX"), f"{args.name}.tar.gz")
+  if folder:
     make_archive(archive)
   try:
     call(args, ["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{args.name}:~/{ARCHIVE}",
                 f"--zone={args.zone}", "--worker=all"])
     call(args, ssh(args, "all", setup_command(args.python)))
   finally:
-    if not args.dry_run:
-      os.remove(archive)
+    if folder:
+      shutil.rmtree(folder)
   return 0
 
 

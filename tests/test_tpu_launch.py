@@ -139,10 +139,13 @@ def test_create_setup_run_status_delete_make_these_gcloud_calls(tmp_path):
   describe = gcloud("tpu-vm", "describe", "pod", f"--zone={ZONE}", "--format=json")
   calls = pod.calls()
   calls[4:6] = sorted(calls[4:6])  # (the workers' ssh start together, in any order)
+  archive = calls[1][4]  # in a folder of its own (two setups at once never share it), removed afterwards
+  assert re.fullmatch(r"/tmp/jaxlm-src-[^/]+/pod\.tar\.gz", archive) and not os.path.exists(os.path.dirname(archive))
+  calls[1][4] = "ARCHIVE"
   assert calls == [
       gcloud("tpu-vm", "create", "pod", f"--zone={ZONE}", "--accelerator-type=v5litepod-16",
              "--version=v2-alpha-tpuv5-lite"),
-      gcloud("tpu-vm", "scp", "/tmp/jaxlm-src-pod.tar.gz", "pod:~/jaxlm-src.tar.gz", f"--zone={ZONE}", "--worker=all"),
+      gcloud("tpu-vm", "scp", "ARCHIVE", "pod:~/jaxlm-src.tar.gz", f"--zone={ZONE}", "--worker=all"),
       gcloud("tpu-vm", "ssh", "pod", f"--zone={ZONE}", "--worker=all", f"--command={REMOTE_SETUP}"),
       describe,
       *[gcloud("tpu-vm", "ssh", "pod", f"--zone={ZONE}", f"--worker={i}", f"--command={remote}") for i in range(2)],
@@ -190,7 +193,7 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path):
                                              "--accelerator-type=v5p-16", "--runtime-version=v2-alpha-tpuv5",
                                              "--reserved")],
                  ["gcloud", "alpha", *gcloud("queued-resources", "describe", "pod", f"--zone={ZONE}", "--format=json")]],
-      "setup": [["gcloud", *gcloud("tpu-vm", "scp", "/tmp/jaxlm-src-pod.tar.gz", "pod:~/jaxlm-src.tar.gz",
+      "setup": [["gcloud", *gcloud("tpu-vm", "scp", "/tmp/jaxlm-src-XXXXXXXX/pod.tar.gz", "pod:~/jaxlm-src.tar.gz",
                                    f"--zone={ZONE}", "--worker=all")],
                 ["gcloud", *gcloud("tpu-vm", "ssh", "pod", f"--zone={ZONE}", "--worker=all", f"--command={REMOTE_SETUP}")]],
       "run": [["gcloud", *gcloud("tpu-vm", "ssh", "pod", f"--zone={ZONE}", f"--worker={i}", f"--command={remote}")]
