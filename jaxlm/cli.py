@@ -427,14 +427,13 @@ def plot(argv: list[str]) -> None:
   folder = files.split(files.absolute(v.output))[0]
   if not files.isdir(folder):
     raise UserError(f"the folder of --output, {folder}, does not exist", "create it, or write elsewhere")
-  runs = []
+  runs, names = [], [files.split(w.rstrip("/"))[1] for w in v.workdir]
   for workdir in v.workdir:
     config = _saved_config(workdir)
     path = files.join(workdir, "metrics.jsonl")
     rows = parse_rows(files.read_text(path)) if files.isfile(path) else []
     if not any("loss" in m for m in rows):
       raise UserError(f"{workdir} has no training losses in metrics.jsonl yet", "plot a run that has logged a step")
-    names = [files.split(w.rstrip("/"))[1] for w in v.workdir]
     name = files.split(workdir.rstrip("/"))[1]
     runs.append((workdir if names.count(name) > 1 else name, rows,
                  config.data.batch_size * config.data.seq_len))

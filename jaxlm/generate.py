@@ -191,7 +191,7 @@ class Generator:
 
   def _compile(self, b: int, padded: int, width: int, total: int):
     graphdef, cfg, eos = self.graphdef, self.cfg, self.eos_id
-    limit, keep = self.vocab_limit, kept_after_slide(cfg.max_seq_len)
+    limit = self.vocab_limit
 
     def logits_for(model, tokens_BxT, positions_BxT, cache):
       logits_BxTxV, cache = model(tokens_BxT, positions_BxT=positions_BxT, kv_cache=cache)
@@ -214,30 +214,7 @@ class Generator:
                           "keys": keys_B, "cache": cache, "broken": broken_B,
                           "base": jnp.zeros((b,), jnp.int32)})
 
-    def next_logits(model, s):
-      """Each row's logits after its token at out[pos] (B, V), the cache and window starts after it:
-      one cached step, or, for rows whose window is full, a prefill of their newest `keep` tokens."""
-      token_B = s["out"][rows, s["pos"]]
-      at_B = s["pos"] - s["base"]  # the token's position in its row's window
-      slide_B = (at_B >= cfg.max_seq_len) & ~s["done"]
-
-      def step(_):
-        logits_Bx1xV, cache = logits_for(model, token_B[:, None], at_B[:, None], s["cache"])
-        return logits_Bx1xV[:, 0], cache
-
-      def slide(_):
-        starts_B = s["pos"] - keep + 1
-        window_BxK = jax.vmap(lambda o, at: jax.lax.dynamic_slice(o, (at,), (keep,)))(s["out"], starts_B)
-        positions_BxK = jnp.broadcast_to(jnp.arange(keep, dtype=jnp.int32), (b, keep))
-        slid_BxKxV, slid_cache = logits_for(model, window_BxK, positions_BxK, s["cache"])
-        stepped_BxV, stepped_cache = step(None)
-        pick = lambda a, c: jnp.where(slide_B.reshape((b,) + (1,) * (a.ndim - 1)), a, c)
-        return pick(slid_BxKxV[:, -1], stepped_BxV), jax.tree.map(pick, slid_cache, stepped_cache)
-
-      if total <= cfg.max_seq_len:  # (no row can fill its window: the program has no slide in it)
-        return (*step(None), s["base"])
-      logits_BxV, cache = jax.lax.cond(jnp.any(slide_B), slide, step, None)
-      return logits_BxV, cache, jnp.where(slide_B, s["pos"] - keep + 1, s["base"])
+    next_logits = _window_step(logits_for, b, total, cfg.max_seq_len)
 
     def decode(params, state, stop_at, max_new, temperature, top_k, top_p):
       model = nnx.merge(graphdef, params)
@@ -259,6 +236,39 @@ class Generator:
       return _replicated(jax.lax.while_loop(running, step, state))
 
     return jax.jit(prefill), jax.jit(decode, donate_argnums=1)
+
+
+def _window_step(logits_for, b: int, total: int, max_seq_len: int):
+  """The decoding step's model call for a batch of b rows in a buffer of `total` tokens:
+  next_logits(model, state) -> (logits (B, V), cache, window starts)."""
+  rows, keep = jnp.arange(b), kept_after_slide(max_seq_len)
+
+  def next_logits(model, s):
+    """Each row's logits after its token at out[pos] (B, V), the cache and window starts after it:
+    one cached step, or, for rows whose window is full, a prefill of their newest `keep` tokens."""
+    token_B = s["out"][rows, s["pos"]]
+    at_B = s["pos"] - s["base"]  # the token's position in its row's window
+    slide_B = (at_B >= max_seq_len) & ~s["done"]
+
+    def step(_):
+      logits_Bx1xV, cache = logits_for(model, token_B[:, None], at_B[:, None], s["cache"])
+      return logits_Bx1xV[:, 0], cache
+
+    def slide(_):
+      starts_B = s["pos"] - keep + 1
+      window_BxK = jax.vmap(lambda o, at: jax.lax.dynamic_slice(o, (at,), (keep,)))(s["out"], starts_B)
+      positions_BxK = jnp.broadcast_to(jnp.arange(keep, dtype=jnp.int32), (b, keep))
+      slid_BxKxV, slid_cache = logits_for(model, window_BxK, positions_BxK, s["cache"])
+      stepped_BxV, stepped_cache = step(None)
+      pick = lambda a, c: jnp.where(slide_B.reshape((b,) + (1,) * (a.ndim - 1)), a, c)
+      return pick(slid_BxKxV[:, -1], stepped_BxV), jax.tree.map(pick, slid_cache, stepped_cache)
+
+    if total <= max_seq_len:  # (no row can fill its window: the program has no slide in it)
+      return (*step(None), s["base"])
+    logits_BxV, cache = jax.lax.cond(jnp.any(slide_B), slide, step, None)
+    return logits_BxV, cache, jnp.where(slide_B, s["pos"] - keep + 1, s["base"])
+
+  return next_logits
 
 
 def _replicated(state: dict) -> dict:

@@ -70,7 +70,5 @@ def test_sliding_is_at_least_3x_faster_than_recomputing_the_window_at_4x_the_con
     return statistics.median(times)
 
   assert len(jaxlm_once()) == new  # (no EOS: the whole length is timed)
-  # The margin over 3x is wide (measured ~20x here), so a busy machine does not make this fail.
-  r, j = median_time(recompute_once), median_time(jaxlm_once)
-  print(f'recompute {r:.3f} s, sliding {j:.3f} s, {r / j:.1f}x')
-  assert r >= 3 * j
+  # The margin over 3x is wide (measured 31x here: 1.40 s against 0.045 s), so a busy machine does not fail it.
+  assert median_time(recompute_once) >= 3 * median_time(jaxlm_once)
