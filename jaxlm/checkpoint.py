@@ -327,10 +327,10 @@ def all_finite(tree) -> bool:
 
 def check_shapes(saved, abstract, where: str, prefix: str = "") -> None:
   """Raises a UserError naming the first array whose saved shape differs from the wanted one."""
-  saved_by_path = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  saved_by_path = {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
   for path, want in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    name = prefix + _path_name(path)
-    have = saved_by_path.get(_path_name(path))
+    name = prefix + path_name(path)
+    have = saved_by_path.get(path_name(path))
     if have is None and (scanned := _saved_layout(saved_by_path)) is not None:
       raise UserError(f"{where} holds {'a scanned' if scanned else 'an unrolled'} stack of layers; this run "
                       f"asks for {'an unrolled' if scanned else 'a scanned'} one",
@@ -430,7 +430,7 @@ def abstract_like(state, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
   parts = []
   for key in path:
     for attr in ("key", "name", "idx"):

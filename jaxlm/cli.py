@@ -15,13 +15,15 @@ from absl import flags
 from jaxlm import allocator
 from jaxlm.errors import UserError
 
-COMMANDS = ("train", "prepare", "sample", "eval", "plan", "plot")
+COMMANDS = ("train", "prepare", "sample", "eval", "plan", "plot", "import", "export")
 USAGE = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.section.key=value ...]
        jaxlm prepare --input=PATH [--input=PATH ...] --output=DIR [--tokenizer=byte|bpe:VOCAB|FILE] [...]
        jaxlm sample --workdir=DIR [--prompt=TEXT] [--num_samples=1] [--temperature=0.8] [...]
        jaxlm eval --workdir=DIR [--data=FILE|STORE] [--step=STEP] [--json]
        jaxlm plan --config=FILE [--config.KEY=VALUE ...] [--devices=N | --topology=NAME] [--mfu=0.4] [--json]
        jaxlm plot --workdir=DIR [--workdir=DIR ...] --output=FILE.png [--x=tokens|step]
+       jaxlm import --from=HF_DIR --workdir=DIR [--scan_layers]
+       jaxlm export --workdir=DIR --to=HF_DIR [--step=STEP] [--dtype=float32|bfloat16]
        jaxlm COMMAND --help    (its flags; `jaxlm train --config=FILE --help`: that config's keys)
        jaxlm --version
 
@@ -35,6 +37,9 @@ USAGE = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.s
   plan      without training: parameters, FLOPs, tokens and the Chinchilla budget, memory per device
             of the train step compiled ahead of time for the mesh (whether it fits), and the time
   plot      the loss curves of runs overlaid in one PNG (each run also keeps WORKDIR/loss.png)
+  import    a local Hugging Face GPT-2 or Llama folder (config.json, *.safetensors, tokenizer.json)
+            as a workdir to sample, evaluate and fine-tune (--config.init_from=DIR)
+  export    a decoder run as a Hugging Face folder that transformers' from_pretrained loads
 """
 
 _TRAIN_FLAGS = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--config.section.key=value ...]
@@ -441,8 +446,56 @@ def plot(argv: list[str]) -> None:
   print(f"{v.output}: {len(runs)} runs, loss against {v.x}")
 
 
+def _define_import(v: flags.FlagValues) -> None:
+  flags.DEFINE_string("from", None, "a local Hugging Face model folder (config.json, *.safetensors, "
+                      "tokenizer.json)", flag_values=v)
+  flags.DEFINE_string("workdir", None, "the new workdir to write", flag_values=v)
+  flags.DEFINE_bool("scan_layers", False, "store the blocks as a scanned stack (for runs with "
+                    "model.scan_layers=True)", flag_values=v)
+
+
+def import_hf(argv: list[str]) -> None:
+  """`jaxlm import`: a Hugging Face GPT-2 or Llama folder as a jaxlm workdir."""
+  v = _parse_flags(argv, _define_import)
+  if not v["from"].value:
+    raise UserError("missing --from", "give the folder of a Hugging Face model, e.g. --from=models/gpt2")
+  if not v.workdir:
+    raise UserError("missing --workdir", "give the new workdir to write, e.g. --workdir=runs/gpt2")
+  _start_jax_for(v.workdir)
+  from jaxlm.interop.hf_import import import_folder
+
+  done = import_folder(v["from"].value, v.workdir, scan_layers=v.scan_layers)
+  m = done["config"].model
+  print(f"{v.workdir}: {done['family']} of {done['parameters']:,} parameters ({m.num_layers} layers, width "
+        f"{m.width}, {m.num_heads} heads, {m.max_seq_len} positions) from {v['from'].value} "
+        f"({', '.join(done['dtypes'])}) in {done['seconds']:.1f} s; fine-tune it with "
+        f"--config.init_from={v.workdir}")
+
+
+def _define_export(v: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "the run's workdir", flag_values=v)
+  flags.DEFINE_string("to", None, "the new folder to write", flag_values=v)
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=v)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of the written weights", flag_values=v)
+
+
+def export_hf(argv: list[str]) -> None:
+  """`jaxlm export`: a decoder run as a Hugging Face folder."""
+  v = _parse_run_flags(argv, _define_export)
+  if not v.to:
+    raise UserError("missing --to", "give the new folder to write, e.g. --to=exported/gpt2")
+  _start_jax_for(v.workdir)
+  from jaxlm.api import load
+  from jaxlm.interop.hf_export import export_run
+
+  done = export_run(load(v.workdir, v.step), v.to, v.dtype)
+  print(f"{v.to}: {done['family']} from {v.workdir} step {done['step']} ({done['tensors']} tensors, "
+        f"{done['bytes'] / 2**20:,.1f} MiB of {done['dtype']}) in {done['seconds']:.1f} s; "
+        f"transformers.AutoModelForCausalLM.from_pretrained({v.to!r}) loads it")
+
+
 _DEFINES = {"prepare": _define_prepare, "sample": _define_sample, "eval": _define_eval, "plan": _define_plan,
-            "plot": _define_plot}
+            "plot": _define_plot, "import": _define_import, "export": _define_export}
 
 
 def flags_help(command: str) -> str:
@@ -515,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
       print(flags_help(command))
       return 0
     {"train": train, "prepare": prepare, "sample": sample, "eval": evaluate, "plan": plan,
-     "plot": plot}[command](rest)
+     "plot": plot, "import": import_hf, "export": export_hf}[command](rest)
     code = 0
   except UserError as e:
     print(f"jaxlm: error: {e}", file=sys.stderr, flush=True)

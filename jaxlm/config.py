@@ -99,7 +99,10 @@ SCHEMA = (
     ("model.position", "rope", ("rope", "learned"), "rotary or learned absolute positions"),
     ("model.rope_base", 10000.0, POSITIVE, "RoPE's frequency base"),
     ("model.norm", "rmsnorm", ("rmsnorm", "layernorm"), "normalisation before each sublayer"),
-    ("model.mlp", "gelu", ("gelu", "swiglu"), "MLP kind"),
+    ("model.norm_eps", 1e-6, POSITIVE, "epsilon added to the variance in every norm (GPT-2: 1e-5; Llama: "
+     "its config's rms_norm_eps)"),
+    ("model.mlp", "gelu", ("gelu", "swiglu"), "MLP kind: gelu (tanh approximation, GPT-2's) | swiglu "
+     "(Llama's gated unit)"),
     ("model.tie_embeddings", True, ANY, "the output projection is the input embedding"),
     ("model.use_bias", False, ANY, "biases in linear layers and norms"),
     ("model.dropout", 0.0, BELOW_ONE, "dropout rate in training"),

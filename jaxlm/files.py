@@ -108,6 +108,12 @@ def write_bytes(path: str, data: bytes) -> None:
   os.replace(f.name, path)
 
 
+def makedirs(path: str) -> None:
+  """A local folder and its parents (a bucket has no folders: nothing to do)."""
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
+
+
 def write_text(path: str, text: str) -> None:
   write_bytes(path, text.encode())
 

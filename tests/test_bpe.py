@@ -211,20 +211,35 @@ def test_json_is_a_plain_hugging_face_tokenizer(tok, tmp_path):
   assert [plain.token_to_id(t) for t in SPECIAL_TOKENS] == [tok.BOS, tok.EOS, tok.PAD, tok.MASK]
 
 
-def test_loading_a_tokenizer_without_our_special_tokens_adds_them(tmp_path):
+def test_a_published_tokenizer_keeps_its_vocabulary_and_its_end_token_plays_the_missing_roles(tmp_path):
   original = hf.Tokenizer.from_str(foreign_tokenizer_json())
   assert all(original.token_to_id(t) is None for t in SPECIAL_TOKENS)
   path = tmp_path / "tokenizer.json"
   path.write_text(foreign_tokenizer_json(), encoding="utf-8")
   tok = BPETokenizer.from_file(str(path))
-  assert [tok.BOS, tok.EOS, tok.PAD, tok.MASK] == list(range(original.get_vocab_size(), tok.vocab_size))
-  assert tok.vocab_size == original.get_vocab_size() + 4
+  # GPT-2's convention: one <|endoftext|> is BOS and EOS; PAD and MASK fall back to it (no ids are added,
+  # so an imported model's embedding of this vocabulary still covers every id).
+  end = original.token_to_id("<|endoftext|>")
+  assert [tok.BOS, tok.EOS, tok.PAD, tok.MASK] == [end] * 4
+  assert tok.vocab_size == original.get_vocab_size() and tok.to_json().strip() == original.to_str(pretty=True)
   text = "It was the age of 👩‍💻, <|endoftext|> Grüße"
   plain = "It was the age of 👩‍💻, Grüße"
   assert tok.encode(plain).tolist() == original.encode(plain).ids
   assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
-  assert int(tok.token_bytes()[tok.encode(text)].sum()) == len(text.encode("utf-8"))
-  assert BPETokenizer.from_json(tok.to_json()).to_json() == tok.to_json()
+
+
+def test_a_tokenizer_without_a_known_end_token_gets_our_special_tokens_added():
+  original = hf.Tokenizer.from_str(wordpiece_tokenizer_json())
+  tok = BPETokenizer.from_json(wordpiece_tokenizer_json())
+  assert [tok.BOS, tok.EOS, tok.PAD, tok.MASK] == list(range(original.get_vocab_size(), tok.vocab_size))
+  assert tok.vocab_size == original.get_vocab_size() + 4
+
+
+def test_llama_style_special_tokens_are_bos_and_eos():
+  t = hf.Tokenizer(hf.models.BPE())
+  t.add_special_tokens(["<unk>", "<s>", "</s>"])
+  tok = BPETokenizer(t)
+  assert (tok.BOS, tok.EOS, tok.PAD, tok.MASK, tok.vocab_size) == (1, 2, 2, 2, 3)
 
 
 def test_a_wordpiece_tokenizer_loads_and_decode_never_raises():

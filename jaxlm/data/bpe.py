@@ -7,10 +7,13 @@ exactly: leading and repeated spaces, tabs, "\\r\\n", emoji, combining marks, an
 Special-token strings inside the text ("<|bos|>" typed by a user) are encoded as plain text, never as the
 special ids: only `encode(..., bos=True)` and friends produce BOS/EOS.
 
-Any other tokenizer.json loads too (`from_json`, `from_file`): if it lacks "<|bos|>", "<|eos|>", "<|pad|>" or
-"<|mask|>", those are added as new special tokens after its vocabulary. Such a tokenizer round-trips only as
-well as its own design allows (a WordPiece tokenizer lowercases and has an unknown token), and `token_bytes`
-is exact only for byte-level ones; decoding never raises.
+Any other tokenizer.json loads too (`from_json`, `from_file`). A published one keeps its own ids for the four
+roles where it has them by a known convention (`ROLE_TOKENS`: GPT-2's "<|endoftext|>" is its BOS and EOS,
+Llama's "<s>" and "</s>"), and a role it lacks is played by its EOS, as `transformers` pads with EOS: its
+vocabulary, and so the model's embedding of it, stays what it was (`jaxlm import`). A tokenizer with no known
+EOS gets "<|bos|>", "<|eos|>", "<|pad|>" and "<|mask|>" added as new special tokens after its vocabulary.
+Such a tokenizer round-trips only as well as its own design allows (a WordPiece tokenizer lowercases and has an
+unknown token), and `token_bytes` is exact only for byte-level ones; decoding never raises.
 """
 
 import json
@@ -23,6 +26,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from jaxlm.errors import UserError, first_line
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>")
+# Per role (BOS, EOS, PAD, MASK), the tokens of published tokenizers that play it, in order of preference.
+ROLE_TOKENS = (("<|begin_of_text|>", "<s>", "<|endoftext|>"), ("<|end_of_text|>", "</s>", "<|endoftext|>"),
+               ("<pad>",), ("<mask>",))
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 _BYTE_CHARS = frozenset(pre_tokenizers.ByteLevel.alphabet())
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -37,16 +43,31 @@ def _uses_byte_level_decoder(spec: dict | None) -> bool:
   return any(_uses_byte_level_decoder(d) for d in spec.get("decoders") or [])
 
 
+def _role_ids(tokenizer: Tokenizer) -> tuple[int, int, int, int]:
+  """The ids of BOS, EOS, PAD and MASK: ours ("<|bos|>"...) where the vocabulary has them, else a published
+  convention's, with EOS standing in for a role the tokenizer lacks; a tokenizer with no known EOS gets our
+  four special tokens added (a no-op for those it already has as special)."""
+  ours = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+  if None not in ours:
+    return tuple(ours)
+  found = [next((i for t in names if (i := tokenizer.token_to_id(t)) is not None), None) for names in ROLE_TOKENS]
+  eos = ours[1] if ours[1] is not None else found[1]
+  if eos is None:
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tuple(tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)
+  return tuple(mine if mine is not None else theirs if theirs is not None else eos
+               for mine, theirs in zip(ours, found))
+
+
 class BPETokenizer:
   """A `tokenizers.Tokenizer` plus the ids of our four special tokens."""
 
   name = "bpe"
 
   def __init__(self, tokenizer: Tokenizer):
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))  # no-op for tokens that are already special
     tokenizer.encode_special_tokens = True  # "<|bos|>" in the text is text (not saved in the JSON)
     self._tok = tokenizer
-    self.BOS, self.EOS, self.PAD, self.MASK = (tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)
+    self.BOS, self.EOS, self.PAD, self.MASK = _role_ids(tokenizer)
     self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
     self._token_bytes = self._count_token_bytes()
 

@@ -51,9 +51,9 @@ class EncoderDecoder(nnx.Module):
     self.embed = param(rngs.params(), (cfg.vocab_size, cfg.width), INIT_STD, ("vocab", "embed"))
     n, scan = cfg.num_layers, cfg.scan_layers
     self.encoder = stack.make_blocks(lambda r: Block(cfg, INIT_STD, enc_std, r), n, scan, rngs.params())
-    self.encoder_norm = Norm(cfg.width, cfg.norm)
+    self.encoder_norm = Norm(cfg.width, cfg.norm, cfg.norm_eps)
     self.decoder = stack.make_blocks(lambda r: Block(cfg, INIT_STD, dec_std, r, cross=True), n, scan, rngs.params())
-    self.final_norm = Norm(cfg.width, cfg.norm)
+    self.final_norm = Norm(cfg.width, cfg.norm, cfg.norm_eps)
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs.params(), (cfg.width, cfg.vocab_size), INIT_STD, ("embed", "vocab")))
 

@@ -75,7 +75,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 class Norm(nnx.Module):
   """RMSNorm (scale only) or LayerNorm (scale and bias), computed in float32."""
 
-  def __init__(self, width: int, kind: str, eps: float = 1e-6):
+  def __init__(self, width: int, kind: str, eps: float):
     self.kind, self.eps = kind, eps
     self.scale = param(None, (width,), -1, ("norm",))
     self.bias = param(None, (width,), 0, ("norm",)) if kind == "layernorm" else None
@@ -276,7 +276,8 @@ def _write_rows(cache_BxHxSxK: jax.Array, new_BxHxTxK: jax.Array, starts_B: jax.
 
 
 class MLP(nnx.Module):
-  """GELU MLP, or SwiGLU (a gated unit: silu(x W_gate) * (x W_up))."""
+  """GELU MLP (the tanh approximation, GPT-2's `gelu_new`), or SwiGLU (a gated unit: silu(x W_gate) * (x W_up),
+  Llama's)."""
 
   def __init__(self, cfg, init_std: float, out_std: float, rngs: nnx.Rngs):
     d, f = cfg.width, cfg.mlp_width
@@ -306,12 +307,12 @@ class Block(nnx.Module):
 
   def __init__(self, cfg, init_std: float, out_std: float, rngs: nnx.Rngs, cross: bool = False):
     self.dropout_rate = cfg.dropout
-    self.attn_norm = Norm(cfg.width, cfg.norm)
+    self.attn_norm = Norm(cfg.width, cfg.norm, cfg.norm_eps)
     self.attn = Attention(cfg, init_std, out_std, rngs)
     if cross:
-      self.cross_norm = Norm(cfg.width, cfg.norm)
+      self.cross_norm = Norm(cfg.width, cfg.norm, cfg.norm_eps)
       self.cross_attn = CrossAttention(cfg, init_std, out_std, rngs)
-    self.mlp_norm = Norm(cfg.width, cfg.norm)
+    self.mlp_norm = Norm(cfg.width, cfg.norm, cfg.norm_eps)
     self.mlp = MLP(cfg, init_std, out_std, rngs)
 
   def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None, mask: Mask,

@@ -33,6 +33,7 @@ class ModelConfig:
   position: str = "rope"
   rope_base: float = 10000.0
   norm: str = "rmsnorm"
+  norm_eps: float = 1e-6
   mlp: str = "gelu"
   tie_embeddings: bool = True
   use_bias: bool = False
@@ -68,7 +69,7 @@ class Trunk(nnx.Module):
                       if cfg.position == "learned" else None)
     self.blocks = stack.make_blocks(lambda r: Block(cfg, INIT_STD, out_std, r), cfg.num_layers, cfg.scan_layers,
                                     rngs.params())
-    self.final_norm = Norm(cfg.width, cfg.norm)
+    self.final_norm = Norm(cfg.width, cfg.norm, cfg.norm_eps)
     # Tied weights: the output layer reuses the input embedding (fewer parameters, and helps small models).
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs.params(), (cfg.width, cfg.vocab_size), INIT_STD, ("embed", "vocab")))

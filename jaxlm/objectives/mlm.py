@@ -35,6 +35,10 @@ class Masker:
   inputs (masked), targets (the original tokens) and weights (1 on the selected positions)."""
 
   def __init__(self, tokenizer, seed: int, stream: int):
+    if tokenizer.MASK in (tokenizer.BOS, tokenizer.EOS, tokenizer.PAD):
+      raise UserError("the tokenizer has no mask token of its own (its EOS stands in for it)",
+                      "masked LM needs one: prepare the data with a tokenizer that has \"<mask>\" or \"<|mask|>\", "
+                      "or with --tokenizer=bpe:VOCAB")
     self.seed, self.stream, self.mask = seed, stream, tokenizer.MASK
     self.specials, self.regular = special_ids(tokenizer), regular_ids(tokenizer)
 
