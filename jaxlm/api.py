@@ -34,6 +34,7 @@ from jaxlm.errors import UserError
 from jaxlm.evaluate import example_rows, stream_evaluator, stream_rows
 from jaxlm.metrics import parse_rows
 from jaxlm.generate import Generator, Sampling
+from jaxlm.interop.hf_import import imported
 from jaxlm.objectives import clm, mlm, span
 from jaxlm.objectives.base import EVAL_STREAM, with_article
 from jaxlm.parallel import Inference, batch_sharding, make_mesh
@@ -278,6 +279,9 @@ class Run:
     """(tokens, their loss weights or None, where each document starts, a description, the pairs
     store's fields or None)."""
     if data is None:
+      if imported(self.workdir) is not None:
+        raise UserError(f"{self.workdir} was imported from Hugging Face and has no validation split of its own",
+                        "give --data=a text file, or a store prepared with its tokenizer.json")
       corpus = load_data(self.config.data)
       offsets = corpus.val_offsets if corpus.val_offsets is not None else np.array([0, len(corpus.val_tokens)])
       return (corpus.val_tokens, corpus.val_weights, offsets,

@@ -74,7 +74,7 @@ SCHEMA = (
      "seq2seq (input -> target pairs, an encoder-decoder)"),
     ("seed", 0, NON_NEGATIVE, "seeds the parameters, the data order, dropout and masks"),
     ("init_from", "", ANY, "a workdir or WORKDIR/STEP whose parameters a fresh run starts from "
-     "(fine-tuning); a resume wins"),
+     "(fine-tuning; model settings left at their defaults come from it); a resume wins"),
     ("data.path", "", ANY, "a UTF-8 text file or a `jaxlm prepare` store; empty: the built-in fairy tales"),
     ("data.sequences", "windows", ("windows", "packed"),
      "windows: random spans of the token stream | packed: whole documents end to end (a store)"),

@@ -96,13 +96,20 @@ def read_text(path: str) -> str:
 
 def write_bytes(path: str, data: bytes) -> None:
   """Replaces the file as a whole: a reader sees the old bytes or the new, never a part."""
+  write_parts(path, [data])
+
+
+def write_parts(path: str, parts) -> None:
+  """`write_bytes` of the parts (buffers: bytes, contiguous arrays) one after another, without joining them
+  in memory first on a disk (a bucket's object is uploaded whole)."""
   if is_remote(path):
-    _fs(path).pipe_file(path, data)
+    _fs(path).pipe_file(path, b"".join(memoryview(p).cast("B") for p in parts))
     return
   folder = os.path.dirname(path) or "."
   with tempfile.NamedTemporaryFile(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp",
                                    delete=False) as f:
-    f.write(data)
+    for part in parts:
+      f.write(part)
     f.flush()
     os.fsync(f.fileno())
   os.replace(f.name, path)

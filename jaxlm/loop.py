@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxlm import files, objectives, plots
-from jaxlm.checkpoint import Checkpoints, abstract_like, load_params, resolve_checkpoint
+from jaxlm import files, init_from, objectives, plots
+from jaxlm.checkpoint import Checkpoints, abstract_like, load_params
 from jaxlm.config import profile_window, resolved, resume_changes, to_json, validate
 from jaxlm.data.text import Corpus, first_row, load_data
 from jaxlm.data.tokenizer import padded_vocab_size, save_tokenizer
@@ -26,9 +26,10 @@ from jaxlm.errors import RunFailed, UserError
 from jaxlm.evaluate import Evaluator
 from jaxlm.flops import model_flops_per_token
 from jaxlm.hardware import peak_flops_per_device
+from jaxlm.interop.hf_import import imported
 from jaxlm.metrics import MetricsLog, Progress, flops_per_token, param_count, si
 from jaxlm.models.transformer import ModelConfig
-from jaxlm.objectives.base import TRAIN_STREAM, VAL_STREAM, with_article
+from jaxlm.objectives.base import TRAIN_STREAM, VAL_STREAM
 from jaxlm.parallel import batch_sharding, make_mesh, to_global_batch
 from jaxlm.preemption import StopSignals, stop_requested
 from jaxlm.profiling import StepProfiler
@@ -44,16 +45,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
   SIGTERM or SIGINT stops it cleanly after the current step with a checkpoint saved there; the
   returned dict then has `stopped_at`. One run per workdir: a second one is a UserError.
   """
+  config, adopted = init_from.adopt_model(config, workdir)
   config, notes, shape, objective = checked(config, jax.device_count())
   progress = Progress(config.train.steps, enabled=jax.process_index() == 0 and not quiet)
   for note in notes:
     progress.message(f"note: {note}")
+  if adopted:
+    progress.message(f"model settings of init_from={config.init_from}: {', '.join(adopted)}")
   with Workdir(workdir) as hold:
     if hold.existed:
       hold.lock()  # before reading what is there: another run may be writing it
     _check_start(config, workdir, progress)
     corpus = load_data(config.data)
     objective.check_data(corpus.pairs, corpus.source)
+    if config.init_from and saved_config(workdir) is None:
+      init_from.check_tokenizer(config, corpus.tokenizer)
     model_config, token_bytes = model_for(config, corpus.tokenizer, tensor=shape[2])
     hold.lock()  # (a new workdir is created only now, after the data and config checks)
     mesh, rules = make_mesh(shape), tuple(config.mesh.rules)
@@ -74,24 +80,15 @@ def checked(config, num_devices: int):
 
 def _check_start(config, workdir: str, progress: Progress) -> None:
   """Config changes against the run being resumed (a shape change is an error), or init_from's path."""
+  if files.isdir(workdir) and imported(workdir) is not None:
+    raise UserError(f"{workdir} holds a model imported by `jaxlm import` (parameters only: no optimizer "
+                    "state, no data of its own)", f"fine-tune it in a new workdir: --workdir=NEW "
+                    f"--config.init_from={workdir}")
   if (saved := saved_config(workdir)) is not None:
     if changes := resume_changes(saved, config, workdir):
       progress.message("resuming with changed settings: " + "; ".join(changes))
   elif config.init_from:
-    directory, _ = resolve_checkpoint(config.init_from)  # a bad path fails now, not after the data is loaded
-    _check_family(config, files.split(directory)[0])
-
-
-def _check_family(config, source: str) -> None:
-  """init_from's run must have trained the model family this objective trains."""
-  if (saved := saved_config(source)) is None:
-    return  # (a bare checkpoint folder: the parameters' shapes are still checked)
-  theirs = saved.get("objective", "clm")
-  mine, other = objectives.get(config.objective), objectives.get(theirs)
-  if other.family != mine.family:
-    raise UserError(f"init_from={config.init_from} is {with_article(other.family)} (objective {theirs}); "
-                    f"objective {config.objective} trains {with_article(mine.family)}",
-                    f"start from a run of objective {config.objective}, or drop --config.init_from")
+    init_from.check_family(config, init_from.source_workdir(config.init_from))
 
 
 def model_for(config, tokenizer, tensor: int = 1) -> tuple[ModelConfig, np.ndarray]:

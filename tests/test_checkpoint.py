@@ -245,10 +245,23 @@ def test_init_from_loads_parameters_only_and_starts_at_step_zero(trained, tmp_pa
   assert lines[0]["loss"] < original[0]["loss"] - 0.3 and result["val_loss"] > 0
 
 
-def test_init_from_a_differently_shaped_model_names_the_parameter_and_both_shapes(trained, tmp_path):
+def test_init_from_a_differently_shaped_model_names_the_setting_and_both_values(trained, tmp_path):
   _, workdir = trained
   other = tiny_config()
   other.mesh.data, other.init_from = -1, str(workdir)
+  other.model.mlp_width = 256
+  with pytest.raises(UserError) as e:
+    loop.run(other, str(tmp_path / "other"), quiet=True)
+  assert "holds another model: model.mlp_width=128 there, 256 here" in e.value.what, e.value
+
+
+def test_init_from_a_bare_checkpoint_folder_names_the_parameter_and_both_shapes(trained, tmp_path):
+  """Without the source's config.json only the shapes can be checked: the restore names the parameter."""
+  _, workdir = trained
+  bare = tmp_path / "bare"
+  shutil.copytree(workdir / "checkpoints", bare / "checkpoints")
+  other = tiny_config()
+  other.mesh.data, other.init_from = -1, str(bare)
   other.model.mlp_width = 256
   with pytest.raises(UserError) as e:
     loop.run(other, str(tmp_path / "other"), quiet=True)

@@ -66,7 +66,7 @@ def to_theirs(ours: dict[str, np.ndarray], family: str, m, dtype) -> dict[str, n
     else:
       raise KeyError(f"jaxlm parameter {name} is missing")  # (a bug: export_family checked the model)
     for t, x in zip(rule.theirs, parts):
-      out[t] = np.ascontiguousarray(x).astype(dtype)
+      out[t] = np.ascontiguousarray(x).astype(dtype, copy=False)
   return out
 
 

@@ -108,7 +108,7 @@ def export_family(m) -> str:
 def hf_config(m, family: str, bos: int, eos: int) -> dict:
   """A config.json that transformers builds the same function from."""
   common = {"vocab_size": m.vocab_size, "tie_word_embeddings": m.tie_embeddings, "bos_token_id": bos,
-            "eos_token_id": eos, "dtype": "float32"}
+            "eos_token_id": eos}
   if family == "gpt2":
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": m.num_layers,
             "n_head": m.num_heads, "n_embd": m.width, "n_inner": m.mlp_width, "n_positions": m.max_seq_len,

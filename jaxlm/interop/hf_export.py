@@ -44,7 +44,7 @@ def export_run(run, target: str, dtype: str = "float32") -> dict:
   ours = convert.unstacked(params_by_name(run.params), m.num_layers)  # (a scanned stack's layers one by one)
   tensors = convert.to_theirs(ours, family, m, DTYPES[dtype])
   tok = run.tokenizer
-  config = {**hf_config.hf_config(m, family, tok.BOS, tok.EOS), "dtype": dtype}
+  config = {**hf_config.hf_config(m, family, tok.BOS, tok.EOS), "dtype": dtype, "torch_dtype": dtype}  # (5.x, 4.x)
   files.makedirs(target)
   safetensors.write_file(files.join(target, safetensors.SINGLE), tensors, {"format": "pt"})
   _write_tokenizer(run, target)

@@ -30,7 +30,12 @@ DEFAULT_SEQ_LEN = 1024  # data.seq_len of an imported run (its eval windows), or
 def imported(workdir: str) -> dict | None:
   """What `imported.json` says about a workdir made by `jaxlm import`, or None for a trained one."""
   path = files.join(workdir, MARKER)
-  return json.loads(files.read_text(path)) if files.isfile(path) else None
+  if not files.isfile(path):
+    return None
+  try:
+    return json.loads(files.read_text(path))
+  except (ValueError, UnicodeDecodeError):
+    raise UserError(f"{path} is not valid JSON", "import the model again into a new workdir") from None
 
 
 def read_hf_config(folder: str) -> dict:

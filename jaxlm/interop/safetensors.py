@@ -81,7 +81,7 @@ def shard_files(folder: str) -> list[str]:
     return [files.join(folder, n) for n in sorted(found)]
   other = [n for n in files.listdir(folder) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
   raise UserError(f"{folder} has no .safetensors weights" + (f" (only {', '.join(sorted(other))})" if other else ""),
-                  "jaxlm reads safetensors only (no pickle): save the model with "
+                  "jaxlm reads safetensors only (a .bin is code to unpickle): save the model with "
                   "save_pretrained(DIR, safe_serialization=True)")
 
 
@@ -100,12 +100,12 @@ def write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, st
     array = np.ascontiguousarray(tensors[name])
     if array.dtype not in _NAMES:
       raise TypeError(f"{name}: dtype {array.dtype} has no safetensors name")
-    raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-    header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(raw)]}
+    raw = array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8)  # (no copy)
+    header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + raw.size]}
     chunks.append(raw)
-    offset += len(raw)
+    offset += raw.size
   if metadata:
     header["__metadata__"] = dict(metadata)
   text = json.dumps(header, separators=(",", ":")).encode()
   text += b" " * (-len(text) % 8)  # (the tensors start 8-byte aligned, as the reference writer does)
-  files.write_bytes(path, struct.pack("<Q", len(text)) + text + b"".join(chunks))
+  files.write_parts(path, [struct.pack("<Q", len(text)) + text, *chunks])
