@@ -242,6 +242,28 @@ def test_fine_tuning_on_data_in_other_tokens_is_refused(imports, tmp_path, capsy
   assert f"--tokenizer={imports['llama']}/tokenizer.json" in err[0]
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_evaluating_an_import_gives_transformers_cross_entropy(name, folders, imports, tmp_path, capsys):
+  """`jaxlm eval --data=FILE` of an import: the mean next-token cross-entropy transformers gives over the same
+  windows (512 positions each, the second one shorter)."""
+  run = jaxlm.load(imports[name])
+  text = hf_models.fairy_text()[:1300]
+  ids = run.tokenizer.encode(text)
+  seq_len = run.config.data.seq_len
+  assert seq_len + 1 < len(ids) < 2 * seq_len  # (two windows)
+  (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+  code, out, err = jaxlm_cli(["eval", f"--workdir={imports[name]}", f"--data={tmp_path / 't.txt'}", "--json"], capsys)
+  assert code == 0, err
+  total = 0.0
+  for start in range(0, len(ids) - 1, seq_len):
+    window = ids[start:start + seq_len + 1]
+    logits = torch.tensor(hf_logits(folders[name], window[:-1]))
+    total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:], dtype=torch.long),
+                                                     reduction="sum"))
+  # (float32 sums of ~1,000 log-probabilities in two orders: agreement to ~1e-6 relative is expected)
+  assert json.loads(out)["loss"] == pytest.approx(total / (len(ids) - 1), rel=1e-5)
+
+
 def test_evaluating_an_import_needs_data(imports, tmp_path, capsys):
   code, _, err = jaxlm_cli(["eval", f"--workdir={imports['llama']}"], capsys)
   assert code == 2 and len(err) == 1 and "has no validation split of its own" in err[0], err
@@ -280,6 +302,9 @@ def _rewrite_tensor(folder, name, change) -> None:
     ("activation", "uses activation_function='relu', which jaxlm's models do not have"),
     ("no tokenizer", "has no tokenizer.json"),
     ("bad json", "config.json is not valid JSON"),
+    ("a file", "is a file, not a folder"),
+    ("truncated weights", "do not fit its shape"),
+    ("big tokenizer", "tokenizer.json has 400 token ids, more than the model's vocabulary of 320"),
 ])
 def test_bad_hugging_face_folders_are_one_line(case, fragment, folders, tmp_path, capsys):
   folder = _broken(folders, tmp_path)
@@ -303,6 +328,13 @@ def test_bad_hugging_face_folders_are_one_line(case, fragment, folders, tmp_path
     (folder / "tokenizer.json").unlink()
   elif case == "bad json":
     (folder / "config.json").write_text("{not json")
+  elif case == "a file":
+    folder = folder / "config.json"
+  elif case == "truncated weights":
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) - 1000])
+  elif case == "big tokenizer":
+    hf_models.tokenizer(["<|endoftext|>"], vocab_size=400).save(str(folder / "tokenizer.json"))
   code, _, err = jaxlm_cli(["import", f"--from={folder}", f"--workdir={tmp_path / 'w'}"], capsys)
   assert code == 2 and len(err) == 1 and err[0].startswith("jaxlm: error: ") and fragment in err[0], err
   assert not (tmp_path / "w").exists()

@@ -40,7 +40,8 @@ def imported(workdir: str) -> dict | None:
 
 def read_hf_config(folder: str) -> dict:
   if not files.isdir(folder):
-    raise UserError(f"{folder} does not exist", "give --from=the folder of a Hugging Face checkpoint")
+    what = "is a file, not a folder" if files.exists(folder) else "does not exist"
+    raise UserError(f"{folder} {what}", "give --from=the folder of a Hugging Face checkpoint")
   path = files.join(folder, "config.json")
   if not files.isfile(path):
     raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder",
