@@ -10,6 +10,7 @@
     print(bert.fill("The <mask><mask><mask> sat.", top_k=3).text)
     t5 = jaxlm.load("/tmp/t5")                   # an encoder-decoder run (objective span or seq2seq):
     print(t5.translate("Once upon a <extra_id_0>, there lived a king.", beams=4))
+    gpt2 = jaxlm.import_hf("models/gpt2", "/tmp/gpt2")  # a Hugging Face folder; gpt2.export("out/") goes back
 
 `jaxlm sample` and `jaxlm eval` are this API behind flags. (`fit`, not `train`: jaxlm.train is the module
 of the pure train_step.)
@@ -57,6 +58,14 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
 def load(workdir: str, step: int | None = None) -> "Run":
   """A trained run from its workdir: config, tokenizer and parameters (the newest valid step by default)."""
   return Run(workdir, step)
+
+
+def import_hf(source: str, workdir: str, *, scan_layers: bool = False) -> "Run":
+  """`jaxlm import`: a local Hugging Face GPT-2 or Llama folder as the new workdir `workdir`, loaded."""
+  from jaxlm.interop.hf_import import import_folder
+
+  import_folder(source, workdir, scan_layers=scan_layers)
+  return load(workdir)
 
 
 def _saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -305,6 +314,14 @@ class Run:
     if not files.isfile(path):
       return []
     return parse_rows(files.read_text(path))
+
+  def export(self, target: str, *, dtype: str = "float32") -> dict:
+    """`jaxlm export`: this decoder as a Hugging Face folder (transformers' from_pretrained loads it)."""
+    from jaxlm.interop.hf_export import DTYPES, export_run
+
+    if dtype not in DTYPES:
+      raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", "e.g. dtype='bfloat16'")
+    return export_run(self, target, dtype)
 
   def plot(self, ax=None):
     """Training and validation loss against step, on a matplotlib Axes (a new figure by default)."""
