@@ -46,7 +46,7 @@ _TRAIN_FLAGS = """usage: jaxlm train --config=configs/NAME.py --workdir=DIR [--c
 
 flags:
   --config=FILE              experiment config file with get_config() (e.g. configs/default.py)
-  --workdir=DIR              where config.json, metrics.jsonl and checkpoints go; a rerun resumes
+  --workdir=DIR              where config.json, metrics.jsonl, tensorboard/ and checkpoints go; a rerun resumes
   --config.KEY=VALUE         override one config key (e.g. --config.optim.lr=3e-4)
   --help                     this text (with --config: that file's values)
 """

@@ -135,7 +135,8 @@ SCHEMA = (
     ("train.checkpoint_every", 500, POSITIVE, "steps between checkpoints (and at the end)"),
     ("train.keep_checkpoints", 3, POSITIVE, "the newest K checkpoints are kept..."),
     ("train.keep_best", True, ANY, "...and the one with the lowest val_loss (an evaluated checkpoint step)"),
-    ("train.log_every", 10, POSITIVE, "steps between training lines in metrics.jsonl and the console"),
+    ("train.log_every", 10, POSITIVE, "steps between training lines in metrics.jsonl, TensorBoard and the "
+     "console"),
     ("train.step_timeout", 0.0, Range(-1), "seconds a step, evaluation or save may take before the run "
      "ends with every thread's stack (a stuck or stopped process); 0: automatic with several processes "
      "(2x the first step + (10 + eval_batches) x the median step + 60 s), off in one; -1: off"),

@@ -207,6 +207,7 @@ class Trainer:
       self.watchdog = Watchdog(self.config.train.step_timeout, jax.process_count() > 1,
                                self.config.train.eval_batches)
       self.profiler = StepProfiler(profile_window(self.config), self.workdir, self.progress.message)
+      self.log.open()
       try:
         state, stopped_at = self.steps(state)
       finally:
@@ -214,6 +215,7 @@ class Trainer:
         self.watchdog.stop()
     finally:
       self.checkpoints.close()  # pending saves are committed, also when the run stops with an error
+      self.log.close()
     return self.finish(state, stopped_at)
 
   def model_and_peak_flops(self) -> tuple[float, float]:
@@ -250,6 +252,7 @@ class Trainer:
         self.progress.message(f"(init_from={self.config.init_from} applies to a fresh run only; resuming)")
       return state
     state = self.init()
+    self.log.drop_after(0)  # (the lines of a run that died before its first checkpoint: logged again now)
     if self.config.init_from:
       params, _ = load_params(self.config.init_from, abstract_like(state.params, self.shardings.params))
       state = state.replace(params=params)

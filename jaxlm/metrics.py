@@ -1,4 +1,4 @@
-"""Model FLOPs, and the two places training numbers go: metrics.jsonl and a live console line."""
+"""Model FLOPs, and the places training numbers go: metrics.jsonl, TensorBoard and a live console line."""
 
 import json
 import math
@@ -7,6 +7,7 @@ import sys
 import jax
 
 from jaxlm import files
+from jaxlm.event_files import EventFile, drop_events_after
 
 
 def param_count(params) -> int:
@@ -48,20 +49,25 @@ def parse_rows(text: str) -> list[dict]:
 
 
 class MetricsLog:
-  """Appends one JSON object per line to WORKDIR/metrics.jsonl (only process 0 writes).
+  """Appends one JSON object per line to WORKDIR/metrics.jsonl, and the same values as TensorBoard scalars
+  to WORKDIR/tensorboard/ (only process 0 writes; the one place a row goes out to both).
 
   In a bucket, where objects cannot be appended to, the file is kept in memory and each line rewrites
   it (one upload per logged step)."""
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.path = files.join(workdir, "metrics.jsonl")
+    self.tensorboard = files.join(workdir, "tensorboard")
     self.enabled = enabled
     self._text: str | None = None  # (a bucket's copy)
+    self._events: EventFile | None = None  # (opened by the first write: a finished run's rerun adds no file)
+    self._start: int | None = 0  # (the step this log writes from, until its event file is told)
 
   def write(self, step: int, **values: float) -> None:
     """One line; a non-finite value is written as null (the file stays strict JSON)."""
     if self.enabled:
-      row = {k: float(v) if math.isfinite(float(v)) else None for k, v in values.items()}
+      values = {k: float(v) for k, v in values.items()}
+      row = {k: v if math.isfinite(v) else None for k, v in values.items()}
       line = json.dumps({"step": step, **row}, allow_nan=False) + "\n"
       if files.is_remote(self.path):
         self._text = (self._read() if self._text is None else self._text) + line
@@ -69,6 +75,30 @@ class MetricsLog:
       else:
         with open(self.path, "a") as f:
           f.write(line)
+      # TensorBoard gets non-finite values as they are (NaN, +-inf), not skipped: its chart marks them at
+      # the step they happened (where a run diverged) and its smoothing passes over them; skipped, the
+      # curve would just end a step early.
+      self._event_file().write(step, values)
+
+  def open(self) -> None:
+    """Opens the event file now, not at the first write: tensorboardX takes about a second to import
+    where torch is installed (it imports torch), which the loop keeps out of its timed steps."""
+    if self.enabled:
+      self._event_file()
+
+  def _event_file(self) -> EventFile:
+    if self._events is None:
+      self._events = EventFile(self.tensorboard)
+    if self._start is not None:
+      self._events.start(self._start)
+      self._start = None
+    return self._events
+
+  def close(self) -> None:
+    """Closes the TensorBoard file (metrics.jsonl is closed after every line)."""
+    if self._events is not None:
+      self._events.close()
+      self._events = None
 
   def rows(self) -> list[dict]:
     """What the file holds, one dict per line."""
@@ -82,10 +112,17 @@ class MetricsLog:
 
   def drop_after(self, step: int) -> int:
     """Removes the lines of steps after `step` (written by a run that then died); returns how many.
+    The event files lose those steps too, and the next event file starts at step + 1, so that a
+    TensorBoard already watching drops them as well.
 
     A resumed run writes those steps again, so the file reads as one uninterrupted run.
     """
-    if not self.enabled or not files.exists(self.path):
+    if not self.enabled:
+      return 0
+    self.close()  # (the steps after `step` may be in the file this log writes: the next write opens another)
+    drop_events_after(self.tensorboard, step)
+    self._start = step + 1
+    if not files.exists(self.path):
       return 0
     lines = self._read().splitlines(keepends=True)
     keep = []

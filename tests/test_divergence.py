@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT
+from test_tensorboard import event_scalars, jsonl_scalars
 
 from jaxlm import checkpoint, cli
 from jaxlm.checkpoint import Checkpoints, abstract_like, load_params
@@ -72,6 +73,9 @@ def test_metrics_stay_strict_json_and_end_at_the_diverged_step(diverged):
   assert lines[-1]["step"] == step and max(m["step"] for m in lines) == step
   assert None in (lines[-1].get("loss"), lines[-1].get("grad_norm"))  # non-finite is written as null
   assert all(v is None or math.isfinite(v) for m in lines for v in m.values())
+  # TensorBoard holds the same, the non-finite value of the diverged step included (both runs diverged)
+  events = event_scalars(workdir / "tensorboard")
+  assert events == jsonl_scalars(lines) and None in (events["loss"][-1][1], events["grad_norm"][-1][1])
 
 
 def test_every_saved_step_is_finite_and_a_rerun_deletes_none_of_them(diverged):

@@ -13,10 +13,11 @@ from conftest import ROOT
 from gcs import emulated_gcs
 from processes import spawn_jaxlm
 from test_preemption import saved_arrays
+from test_tensorboard import event_scalars, jsonl_scalars
 
 from jaxlm import bucket_lock, files
 from jaxlm.errors import UserError
-from jaxlm.metrics import SPEED_KEYS
+from jaxlm.metrics import SPEED_KEYS, parse_rows
 
 STEPS = 60
 RUN = ["train", f"--config={ROOT}/tests/tiny.py", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5",
@@ -95,6 +96,18 @@ def test_a_bucket_run_killed_and_rerun_equals_an_uninterrupted_local_run(killed_
   names = files.listdir(workdir)
   assert {"config.json", "tokenizer.json", "metrics.jsonl", "checkpoints"} <= set(names)
   assert "jaxlm.lock" not in names  # a clean end gives the lease back
+
+
+def test_a_bucket_runs_tensorboard_equals_its_metrics_jsonl_after_the_kill(killed_and_resumed, tmp_path):
+  workdir = killed_and_resumed[0]
+  names = files.listdir(f"{workdir}/tensorboard")
+  assert len(names) == 2  # the killed run's event file and the rerun's
+  for name in names:
+    (tmp_path / name).write_bytes(files.read_bytes(f"{workdir}/tensorboard/{name}"))
+  rows = parse_rows(files.read_text(f"{workdir}/metrics.jsonl"))
+  events = event_scalars(tmp_path)
+  assert events == jsonl_scalars(rows)
+  assert [step for step, _ in events["loss"]] == list(range(1, STEPS + 1))
 
 
 def test_sample_reads_a_bucket_workdir(killed_and_resumed):
