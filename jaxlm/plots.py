@@ -28,6 +28,7 @@ def draw_losses(ax, rows: list[dict], label: str = "", color=None) -> None:
 def run_figure(rows: list[dict], tokens_per_step: int, title: str):
   """One run: losses against steps (tokens on the top axis), the learning rate on the right."""
   from matplotlib.figure import Figure
+  from matplotlib.ticker import FuncFormatter
 
   fig = Figure(figsize=(7, 4), layout="constrained")
   ax = fig.add_subplot()
@@ -39,8 +40,9 @@ def run_figure(rows: list[dict], tokens_per_step: int, title: str):
     right = ax.twinx()
     right.plot(steps, lr, ":", color="gray", label="learning rate")
     right.set_ylabel("learning rate")
-    right.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-  ax.legend(loc="upper right")
+    right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}" if v else "0"))  # (no offset text)
+  handles = ax.get_legend_handles_labels()[0] + (right.get_legend_handles_labels()[0] if steps else [])
+  ax.legend(handles=handles, loc="upper right")
   return fig
 
 
@@ -65,9 +67,12 @@ def compare_figure(runs: list[tuple[str, list[dict], int]], x: str = "tokens"):
 
 
 def _tokens_axis(ax, tokens_per_step: int) -> None:
+  from matplotlib.ticker import EngFormatter
+
   if tokens_per_step > 0:
     top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
     top.set_xlabel("tokens")
+    top.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.5M, not 1.5 under a "1e6" in the corner
 
 
 def write_png(fig, path: str) -> None:
