@@ -117,6 +117,24 @@ def test_greedy_tokens_equal_transformers(name, folders, imports, prompt_ids):
   assert len(set(np.asarray(ours).tolist())) > 3  # (not one token repeated: the comparison has teeth)
 
 
+def test_jaxlm_sample_of_an_import_prints_transformers_greedy_text(folders, imports, capsys):
+  from transformers import AutoModelForCausalLM
+
+  prompt = "Once upon a time, there was a"
+  code, out, err = jaxlm_cli(["sample", f"--workdir={imports['llama']}", f"--prompt={prompt}", "--temperature=0",
+                              "--max_new_tokens=24"], capsys)
+  assert code == 0, err
+  run = jaxlm.load(imports["llama"])
+  tokens = torch.tensor(np.asarray(run.tokenizer.encode(prompt), np.int64))[None]
+  model = AutoModelForCausalLM.from_pretrained(folders["llama"], dtype=torch.float32).eval()
+  new = []
+  with torch.no_grad():
+    while len(new) < 24 and (not new or new[-1] != run.tokenizer.EOS):
+      new.append(int(model(tokens).logits[0, -1].argmax()))
+      tokens = torch.cat([tokens, torch.tensor([[new[-1]]])], 1)
+  assert out.rstrip("\n") == prompt + run.tokenizer.decode(np.array(new))
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(name, imports, exports, prompt_ids):
   from transformers import AutoModelForCausalLM, AutoTokenizer
