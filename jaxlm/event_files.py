@@ -26,8 +26,12 @@ class EventFile:
     from tensorboardX.proto import event_pb2, summary_pb2  # (imported on the first write: jaxlm stays cheap)
 
     self._event, self._summary, self._session = event_pb2.Event, summary_pb2.Summary, event_pb2.SessionLog
-    # (the pid and a count too: a run restarted within the same second would replace the other's file)
-    name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_opened)}"
+    # Readers take a folder's files in name order, which must be the order the runs wrote them: the start
+    # time to the nanosecond, zero-padded, comes first (a run restarted within the same second, or a count
+    # of files going from 9 to 10, must not sort before the one it resumes); pid and count keep names unique.
+    now = time.time_ns()
+    name = (f"events.out.tfevents.{now // 10**9:010d}.{now % 10**9:09d}.{socket.gethostname()}.{os.getpid()}"
+            f".{next(_opened):06d}")
     self.path = files.join(folder, name)
     self._remote = bytearray() if files.is_remote(folder) else None
     if self._remote is None:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxlm import files, init_from, objectives, plots
+from jaxlm import files, init_from, objectives, plots, storage_errors
 from jaxlm.checkpoint import Checkpoints, abstract_like, load_params
 from jaxlm.config import profile_window, resolved, resume_changes, to_json, validate
 from jaxlm.data.text import Corpus, first_row, load_data
@@ -340,7 +340,8 @@ class Trainer:
     if self.log.enabled:
       tokens_per_step = self.config.data.batch_size * self.config.data.seq_len
       title = files.split(self.workdir.rstrip("/"))[1]
-      plots.write_png(plots.run_figure(self.log.rows(), tokens_per_step, title), files.join(self.workdir, "loss.png"))
+      with storage_errors.writing("loss.png", self.workdir):
+        plots.write_png(plots.run_figure(self.log.rows(), tokens_per_step, title), files.join(self.workdir, "loss.png"))
     shown = "  ".join(f"{k} {v:.4f}" if k != "val_ppl" else f"{k} {v:.2f}" for k, v in values.items())
     self.progress.message(f"step {step:>6d}  {shown}  (on {len(self.val_rows)} validation batches)")
     self.check_finite(step, values)

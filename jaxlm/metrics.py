@@ -6,7 +6,7 @@ import sys
 
 import jax
 
-from jaxlm import files
+from jaxlm import files, storage_errors
 from jaxlm.event_files import EventFile, drop_events_after
 
 
@@ -69,16 +69,20 @@ class MetricsLog:
       values = {k: float(v) for k, v in values.items()}
       row = {k: v if math.isfinite(v) else None for k, v in values.items()}
       line = json.dumps({"step": step, **row}, allow_nan=False) + "\n"
-      if files.is_remote(self.path):
-        self._text = (self._read() if self._text is None else self._text) + line
-        files.write_text(self.path, self._text)
-      else:
-        with open(self.path, "a") as f:
-          f.write(line)
-      # TensorBoard gets non-finite values as they are (NaN, +-inf), not skipped: its chart marks them at
-      # the step they happened (where a run diverged) and its smoothing passes over them; skipped, the
-      # curve would just end a step early.
-      self._event_file().write(step, values)
+      with storage_errors.writing("metrics.jsonl and TensorBoard's events", files.split(self.path)[0]):
+        self._write(line, step, values)
+
+  def _write(self, line: str, step: int, values: dict[str, float]) -> None:
+    if files.is_remote(self.path):
+      self._text = (self._read() if self._text is None else self._text) + line
+      files.write_text(self.path, self._text)
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
+    # TensorBoard gets non-finite values as they are (NaN, +-inf), not skipped: its chart marks them at
+    # the step they happened (where a run diverged) and its smoothing passes over them; skipped, the
+    # curve would just end a step early.
+    self._event_file().write(step, values)
 
   def open(self) -> None:
     """Opens the event file now, not at the first write: tensorboardX takes about a second to import

@@ -7,9 +7,12 @@ walked, innermost first, and the first error that says what it is decides. Anyth
 `None`: the caller re-raises it with its traceback (an out-of-memory or a bug of ours is never damage).
 """
 
+import contextlib
 import errno
 import json
 import re
+
+from jaxlm.errors import UserError
 
 DAMAGE, TRANSIENT, FULL, PERMISSION = "damage", "transient", "full", "permission"
 
@@ -61,3 +64,20 @@ def kind_of(e: BaseException) -> str | None:
     if isinstance(error, (UnicodeDecodeError, json.JSONDecodeError, FileNotFoundError)):
       return DAMAGE  # a metadata or iterator-state file that does not decode, or is gone
   return None
+
+
+@contextlib.contextmanager
+def writing(what: str, where: str):
+  """Around a write of a run's own files (metrics.jsonl, TensorBoard, loss.png): a full disk or a folder
+  that cannot be written is one line; any other error raises as it is."""
+  try:
+    yield
+  except OSError as e:
+    kind = kind_of(e)
+    if kind == FULL:
+      raise UserError(f"{e.strerror or e} in {where} while writing {what}", "free space and run the same "
+                      "command again: it resumes from the last checkpoint") from None
+    if kind == PERMISSION:
+      raise UserError(f"cannot write {what} in {where}: {e.strerror or e}",
+                      "fix the folder's permissions, or give a --workdir on a writable filesystem") from None
+    raise

@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 from jaxlm import storage_errors as se
+from jaxlm.errors import UserError
 
 
 def wrapped(inner):
@@ -57,7 +58,7 @@ def test_what_a_storage_exception_means(error, kind):
 
 SCRIPT = """set -u
 mount -t tmpfs -o size=6m tmpfs "$DISK" || exit 99
-head -c 2600000 /dev/zero > "$DISK/ballast"  # room for about three checkpoints of 1.1 MB
+head -c 2400000 /dev/zero > "$DISK/ballast"  # room for three checkpoints of 1.1 MB and the run's other files
 "$PYTHON" -m jaxlm.cli train $ARGS > "$OUT/out1" 2> "$OUT/err1"; echo $? > "$OUT/code1"
 ls "$DISK/w/checkpoints" > "$OUT/steps1"
 rm "$DISK/ballast"
@@ -84,6 +85,27 @@ def full_disk(tmp_path_factory):
     pytest.skip("cannot mount a tmpfs in a user namespace here")
   return {name: (out / name).read_text() for name in
           ("code1", "err1", "steps1", "code2", "out2", "err2", "steps2")}
+
+
+@pytest.mark.parametrize("where", ["metrics", "plot"])
+def test_a_full_disk_while_writing_the_logs_or_the_plot_is_one_line(where, monkeypatch, tmp_path):
+  """metrics.jsonl, the TensorBoard events and loss.png on a full disk: one line naming the file, as a
+  checkpoint save's."""
+  from conftest import tiny_config
+
+  from jaxlm import loop, metrics, plots
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(*((metrics.MetricsLog, "_write", full) if where == "metrics" else (plots, "write_png", full)))
+  config = tiny_config()
+  config.mesh.data = -1
+  with pytest.raises(UserError) as e:
+    loop.run(config, str(tmp_path / "w"), quiet=True)
+  what = "metrics.jsonl and TensorBoard's events" if where == "metrics" else "loss.png"
+  assert e.value.what == f"No space left on device in {tmp_path / 'w'} while writing {what}", e.value
+  assert "free space and run the same command again" in e.value.hint
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_older_steps(full_disk):

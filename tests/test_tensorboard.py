@@ -188,3 +188,16 @@ def test_a_tensorboard_server_serves_the_loss_of_metrics_jsonl(resumed, tmp_path
     server.wait(timeout=30)
   assert {tag: [(step, value) for _, step, value in points] for tag, points in served.items()} == expected
   assert [step for _, step, _ in served["loss"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_event_files_sort_in_the_order_they_were_opened(tmp_path):
+  """Readers take a folder's files in name order: within one second and past the tenth file of a process
+  (a resumed run's file must come after the one it resumes), names sort as they were opened."""
+  from jaxlm.event_files import EventFile
+
+  opened = []
+  for _ in range(12):
+    f = EventFile(str(tmp_path))
+    opened.append(os.path.basename(f.path))
+    f.close()
+  assert sorted(os.listdir(tmp_path)) == opened and len(set(opened)) == 12
