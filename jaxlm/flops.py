@@ -1,7 +1,10 @@
 """Model FLOPs per trained token, counted from the model's shapes (PaLM's accounting, appendix B):
 6 x the parameters every token multiplies by (forward 2, backward 4), plus attention's score and value
 products, 12 x layers x keys x width. Embedding lookups count nothing; the output projection counts in
-full (tied or not); causal attention counts every key, as XLA computes them all. Elementwise work
+full (tied or not); causal attention counts every key (PaLM's and nanoGPT's convention), although from
+2 x 128 positions on jaxlm's einsum attention computes only the keys up to each block of 128 queries
+(layers.attend: 3/4 of the products at 256 positions, so there the count is 2.5% above the work done on a
+6-layer, width-384 model; at 1024 positions, 56% of them). Elementwise work
 (norms, softmax, activations) is left out, so XLA's own count of the compiled step is a little higher
 (metrics.flops_per_token; tests/test_flops.py compares the two).
 """
