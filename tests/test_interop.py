@@ -402,6 +402,20 @@ def test_import_and_export_refuse_to_write_over_a_folder(folders, imports, tmp_p
   assert os.listdir(tmp_path / "full") == ["x"]
 
 
+def test_export_onto_a_full_disk_is_one_line(imports, tmp_path, capsys, monkeypatch):
+  import errno
+
+  from jaxlm.interop import safetensors
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(safetensors, "write_file", full)
+  code, _, err = jaxlm_cli(["export", f"--workdir={imports['gpt2']}", f"--to={tmp_path / 'out'}"], capsys)
+  assert code == 2 and len(err) == 1, err
+  assert f"No space left on device in {tmp_path / 'out'} while writing the exported model" in err[0]
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["import", "--workdir=w"], "missing --from"),
     (["import", "--from=x"], "missing --workdir"),

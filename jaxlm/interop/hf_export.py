@@ -14,7 +14,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxlm import files
+from jaxlm import files, storage_errors
 from jaxlm.checkpoint import path_name
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.errors import UserError
@@ -45,12 +45,13 @@ def export_run(run, target: str, dtype: str = "float32") -> dict:
   tensors = convert.to_theirs(ours, family, m, DTYPES[dtype])
   tok = run.tokenizer
   config = {**hf_config.hf_config(m, family, tok.BOS, tok.EOS), "dtype": dtype, "torch_dtype": dtype}  # (5.x, 4.x)
-  files.makedirs(target)
-  safetensors.write_file(files.join(target, safetensors.SINGLE), tensors, {"format": "pt"})
-  _write_tokenizer(run, target)
-  generation = {"bos_token_id": tok.BOS, "eos_token_id": tok.EOS, "pad_token_id": tok.PAD}
-  files.write_text(files.join(target, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
-  files.write_text(files.join(target, "config.json"), json.dumps(config, indent=2) + "\n")  # (last: complete)
+  with storage_errors.writing("the exported model", target):
+    files.makedirs(target)
+    safetensors.write_file(files.join(target, safetensors.SINGLE), tensors, {"format": "pt"})
+    _write_tokenizer(run, target)
+    generation = {"bos_token_id": tok.BOS, "eos_token_id": tok.EOS, "pad_token_id": tok.PAD}
+    files.write_text(files.join(target, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
+    files.write_text(files.join(target, "config.json"), json.dumps(config, indent=2) + "\n")  # (last: complete)
   return {"family": family, "step": run.step, "tensors": len(tensors), "dtype": dtype,
           "bytes": int(sum(x.nbytes for x in tensors.values())), "seconds": time.perf_counter() - start}
 
