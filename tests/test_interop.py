@@ -247,6 +247,10 @@ def test_a_fine_tuned_import_exports_and_loads_in_transformers(fine_tuned, impor
   assert np.abs(hf_logits(str(root / "out"), ids) - ours).max() <= LOGIT_TOLERANCE
   before = jaxlm_logits(jaxlm.load(imports["gpt2"]), ids)
   assert np.abs(ours - before).max() > 1e-2  # (the four steps moved the model: the export is not the import's)
+  # The same command with more steps resumes: the adopted settings are the workdir's own by now.
+  code, out, err = jaxlm_cli([a if a != "--config.train.steps=4" else "--config.train.steps=6" for a in args], capsys)
+  assert code == 0 and "resumed from" in out and "changed settings" in out and "model." not in out.split(
+      "changed settings")[1].splitlines()[0], (out, err)
 
 
 # --- bad input: one line, exit code 2 ---
