@@ -40,7 +40,7 @@ def run_figure(rows: list[dict], tokens_per_step: int, title: str):
     right = ax.twinx()
     right.plot(steps, lr, ":", color="gray", label="learning rate")
     right.set_ylabel("learning rate")
-    right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}" if v else "0"))  # (no offset text)
+    right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))  # 0.00175 (no offset text)
   handles = ax.get_legend_handles_labels()[0] + (right.get_legend_handles_labels()[0] if steps else [])
   ax.legend(handles=handles, loc="upper right")
   return fig
