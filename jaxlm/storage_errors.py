@@ -67,17 +67,18 @@ def kind_of(e: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def writing(what: str, where: str):
-  """Around a write of a run's own files (metrics.jsonl, TensorBoard, loss.png): a full disk or a folder
-  that cannot be written is one line; any other error raises as it is."""
+def writing(what: str, where: str, again: str = "run the same command again: it resumes from the last checkpoint",
+            elsewhere: str = "give a --workdir on a writable filesystem"):
+  """Around a write of our own files (a run's metrics.jsonl, TensorBoard, loss.png; an export): a full disk
+  or a folder that cannot be written is one line (`again`, `elsewhere`: the hints); any other error raises
+  as it is."""
   try:
     yield
   except OSError as e:
     kind = kind_of(e)
     if kind == FULL:
-      raise UserError(f"{e.strerror or e} in {where} while writing {what}", "free space and run the same "
-                      "command again: it resumes from the last checkpoint") from None
+      raise UserError(f"{e.strerror or e} in {where} while writing {what}", f"free space and {again}") from None
     if kind == PERMISSION:
       raise UserError(f"cannot write {what} in {where}: {e.strerror or e}",
-                      "fix the folder's permissions, or give a --workdir on a writable filesystem") from None
+                      f"fix the folder's permissions, or {elsewhere}") from None
     raise

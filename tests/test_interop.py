@@ -417,7 +417,9 @@ def test_export_onto_a_full_disk_is_one_line(imports, tmp_path, capsys, monkeypa
   monkeypatch.setattr(safetensors, "write_file", full)
   code, _, err = jaxlm_cli(["export", f"--workdir={imports['gpt2']}", f"--to={tmp_path / 'out'}"], capsys)
   assert code == 2 and len(err) == 1, err
-  assert f"No space left on device in {tmp_path / 'out'} while writing the exported model" in err[0]
+  assert f"No space left on device in {tmp_path / 'out'} while writing the exported model (free space and " \
+         "export again)" in err[0]
+  assert not (tmp_path / "out").exists()  # (nothing half-written is left to refuse the next export)
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -45,13 +45,20 @@ def export_run(run, target: str, dtype: str = "float32") -> dict:
   tensors = convert.to_theirs(ours, family, m, DTYPES[dtype])
   tok = run.tokenizer
   config = {**hf_config.hf_config(m, family, tok.BOS, tok.EOS), "dtype": dtype, "torch_dtype": dtype}  # (5.x, 4.x)
-  with storage_errors.writing("the exported model", target):
-    files.makedirs(target)
-    safetensors.write_file(files.join(target, safetensors.SINGLE), tensors, {"format": "pt"})
-    _write_tokenizer(run, target)
-    generation = {"bos_token_id": tok.BOS, "eos_token_id": tok.EOS, "pad_token_id": tok.PAD}
-    files.write_text(files.join(target, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
-    files.write_text(files.join(target, "config.json"), json.dumps(config, indent=2) + "\n")  # (last: complete)
+  existed = files.exists(target)
+  try:
+    with storage_errors.writing("the exported model", target, again="export again",
+                                elsewhere="give a --to on a writable filesystem"):
+      files.makedirs(target)
+      safetensors.write_file(files.join(target, safetensors.SINGLE), tensors, {"format": "pt"})
+      _write_tokenizer(run, target)
+      generation = {"bos_token_id": tok.BOS, "eos_token_id": tok.EOS, "pad_token_id": tok.PAD}
+      files.write_text(files.join(target, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
+      files.write_text(files.join(target, "config.json"), json.dumps(config, indent=2) + "\n")  # (last: complete)
+  except BaseException:
+    if not existed and files.isdir(target):
+      files.remove_tree(target)  # (a half-written export is no model, and would refuse the next export)
+    raise
   return {"family": family, "step": run.step, "tensors": len(tensors), "dtype": dtype,
           "bytes": int(sum(x.nbytes for x in tensors.values())), "seconds": time.perf_counter() - start}
 
